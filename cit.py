@@ -1,0 +1,653 @@
+"""cit.py: continual instruction tuning of a large multimodal model (LMM), in one file.
+
+Instruction-tunes a LLaVA-style model on one vision-language task after another, scores every task
+after each one (the accuracy matrix R), and reports average accuracy, forgetting and backward transfer,
+after "Continual Instruction Tuning for Large Multimodal Models" (He, Guo, Tang, Wang, 2023).
+By default a tiny LLaVA with random weights is pre-trained on the spot and tuned on tiny synthetic
+tasks on a CPU:  python cit.py --method finetune   (then try joint).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+HERE = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------- config
+# The tiny tasks' default order: captioning first, as in the paper's benchmark, multiple choice last.
+TASK_ORDER = ["caption", "ocr", "classify", "vqa", "count", "grounding", "mcq"]
+# The tiny LMM: a CLIP vision tower (32x32 images, 8x8 patches: 16 image tokens), a two-layer MLP
+# projector and a Llama language model over bytes.
+TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=32, patch_size=8)
+TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256)
+TINY_VOCAB_SIZE = 1024
+# How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because
+# nothing is pre-trained here), then for "instruct" a joint multi-task instruction-tuning stage.
+TINY_BASE = dict(align_steps=1200, instruct_steps=400, batch_size=32, lr=1e-3)
+# LLaVA-1.5's conversation format, written as a chat template so that the tiny model and real models
+# build prompts through the same call: processor.apply_chat_template.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %} {% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+ALL_METHODS = ["finetune", "ewc", "lwf", "replay", "eproj", "joint"]
+# LoRA goes on the language model's attention and MLP projections, never on the vision tower.
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = parser.add_argument_group("run")
+    run.add_argument("--method", default="finetune", choices=ALL_METHODS + ["all"],
+                     help="continual-learning method, or all of them side by side")
+    run.add_argument("--out", help="output folder (default runs/<method>)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
+    run.add_argument("--show", type=int, default=1, help="sample answers printed per task after each task")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=str(HERE / "tiny_tasks"), help="folder of task folders (LLaVA format)")
+    data.add_argument("--tasks", help="comma-separated task names, in training order "
+                                      f"(default for the tiny tasks: {','.join(TASK_ORDER)})")
+    data.add_argument("--max-train", type=int, help="use at most this many training examples per task")
+    data.add_argument("--max-test", type=int, help="use at most this many test examples per task")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="tiny", help="'tiny', or a Hugging Face hub id or local folder")
+    model.add_argument("--base", default="align", choices=["align", "instruct"],
+                       help="tiny model only: start from the alignment base or the instruction-tuned base")
+    model.add_argument("--cache", default=str(HERE / "runs" / "cache"), help="where tiny bases are kept")
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--steps", type=int, default=200, help="training steps per task")
+    optim.add_argument("--batch-size", type=int, default=16)
+    optim.add_argument("--lr", type=float, default=1e-3)
+    optim.add_argument("--eval-batch-size", type=int, default=100)
+    optim.add_argument("--max-new-tokens", type=int, default=40)
+    cl = parser.add_argument_group("continual-learning methods")
+    cl.add_argument("--ewc-lambda", type=float, default=1e6, help="EWC: weight of the quadratic penalty")
+    cl.add_argument("--ewc-samples", type=int, default=128, help="EWC: training examples used for the Fisher")
+    cl.add_argument("--lwf-alpha", type=float, default=1.0, help="LwF: weight of the distillation term")
+    cl.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF: softmax temperature")
+    cl.add_argument("--replay-size", type=int, default=20, help="replay: examples kept per finished task")
+    cl.add_argument("--replay-ratio", type=float, default=0.25, help="replay: share of each batch from the buffer")
+    cl.add_argument("--lora-rank", type=int, default=8, help="eproj: rank of each task's LoRA adapter")
+    cl.add_argument("--oracle-task", action="store_true", help="eproj: give the true task instead of routing")
+    args = parser.parse_args(argv)
+    args.out = Path(args.out or f"runs/{args.method}")
+    return args
+
+
+def pick_device(requested=None):
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- data
+def load_split(task_dir, split):
+    """Read one split of a task folder in LLaVA's format into (image path, question, answer) records.
+
+    Only the first human/gpt exchange of each conversation is used: the benchmark tasks are single-turn.
+    """
+    records = json.loads((task_dir / f"{split}.json").read_text())
+    examples = []
+    for record in records:
+        turns = record["conversations"]
+        question = next(t["value"] for t in turns if t["from"] == "human")
+        answer = next(t["value"] for t in turns if t["from"] == "gpt")
+        examples.append({"image": task_dir / record["image"], "question": question.replace("<image>", "").strip(),
+                         "answer": answer.strip()})
+    return examples
+
+
+def load_tasks(data_dir, names, max_train=None, max_test=None):
+    return {name: {"train": load_split(data_dir / name, "train")[:max_train],
+                   "test": load_split(data_dir / name, "test")[:max_test]} for name in names}
+
+
+def default_task_names(data_dir):
+    names = sorted(p.name for p in data_dir.iterdir() if (p / "train.json").is_file())
+    return [n for n in TASK_ORDER if n in names] + [n for n in names if n not in TASK_ORDER]
+
+
+def chat(question, answer=None):
+    """A LLaVA record as chat messages, so that each model's own chat template builds the prompt."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def open_images(examples):
+    return [Image.open(e["image"]).convert("RGB") for e in examples]
+
+
+def training_batch(processor, examples, device):
+    """Tokenize prompt + answer; labels are the answer tokens only (prompt and image tokens are -100)."""
+    images = open_images(examples)
+    prompts = [processor.apply_chat_template(chat(e["question"]), add_generation_prompt=True) for e in examples]
+    full = [processor.apply_chat_template(chat(e["question"], e["answer"])) for e in examples]
+    processor.tokenizer.padding_side = "right"
+    batch = processor(images=images, text=full, padding=True, return_tensors="pt")
+    prompt_lengths = [len(ids) for ids in processor(images=images, text=prompts)["input_ids"]]
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    for row, length in enumerate(prompt_lengths):
+        labels[row, :length] = -100
+    batch["labels"] = labels
+    return batch.to(device)
+
+
+# ---------------------------------------------------------------- model
+def tiny_tokenizer(texts):
+    """A byte-level BPE tokenizer trained on the spot on the tiny world's text, as real LMMs' are on the web's.
+
+    Every byte stays in the vocabulary, so any text a user's data brings is covered: no unknown tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<pad>", "<s>", "</s>", "<image>"], show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def tiny_corpus():
+    """The text the tiny tokenizer learns from: every instruction and answer in tiny_tasks, and the prompt format."""
+    texts = ["USER: ASSISTANT:"]
+    for path in sorted((HERE / "tiny_tasks").glob("**/train.json")):
+        texts += [turn["value"] for record in json.loads(path.read_text()) for turn in record["conversations"]]
+    return texts
+
+
+def tiny_model_and_processor(tokenizer):
+    """A real transformers LLaVA built from a small config with random weights: nothing is downloaded."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    size = TINY_VISION["image_size"]
+    # Resize to the input size without cropping, so images of any shape keep all their content.
+    image_processor = CLIPImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False)
+    # "default" drops the vision tower's CLS token: 16 patch features for 16 <image> tokens.
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=TINY_VISION["patch_size"], vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**TINY_VISION),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_TEXT),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(size // TINY_VISION["patch_size"]) ** 2,
+        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def files_digest(folder):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def base_folder(flavour, args):
+    """Where a tiny base is cached: keyed by everything that shapes it, so a changed recipe rebuilds it."""
+    stages = ["align"] if flavour == "align" else ["align", "instruct"]
+    recipe = json.dumps([TINY_VISION, TINY_TEXT, TINY_BASE, TINY_CHAT_TEMPLATE, args.seed,
+                         tiny_tokenizer(tiny_corpus()).get_vocab(),
+                         [files_digest(HERE / "tiny_tasks" / "base" / stage) for stage in stages]], sort_keys=True)
+    return Path(args.cache) / f"base-{flavour}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+
+
+def tiny_base(flavour, args, device):
+    """Build the tiny base once (LLaVA's stages, in miniature) and keep it in the Hugging Face layout."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    folder = base_folder(flavour, args)
+    if (folder / "config.json").is_file():
+        return LlavaForConditionalGeneration.from_pretrained(folder).to(device), AutoProcessor.from_pretrained(folder)
+    if flavour == "align":
+        torch.manual_seed(args.seed)
+        model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
+        model.to(device)
+    else:
+        model, processor = tiny_base("align", args, device)
+        vision_tower(model).requires_grad_(False)
+    examples = load_split(HERE / "tiny_tasks" / "base" / flavour, "train")
+    train(model, processor, examples, TINY_BASE[f"{flavour}_steps"], TINY_BASE["batch_size"], TINY_BASE["lr"],
+          random.Random(args.seed), device, desc=f"base: {flavour}")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def vision_tower(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.vision_tower
+
+
+def load_model(args, device):
+    """The base model to tune, its processor, ready for training: the vision tower stays frozen."""
+    if args.model != "tiny":
+        sys.exit("cit.py: only --model tiny is supported so far")
+    model, processor = tiny_base(args.base, args, device)
+    vision_tower(model).requires_grad_(False)
+    return model, processor
+
+
+# ---------------------------------------------------------------- continual-learning methods
+# A method is a few hooks around the one training loop (run_sequence), each optional:
+#   prepare(state, model) -> model        once, before the first task
+#   before_task(state, model, examples)   before training a task
+#   extra_loss(state, model, batch, out)  a term added to the task's loss at every step
+#   mix_batch(state, examples, rng)       what a training batch holds
+#   after_task(state, model, examples)    after training a task
+#   answer(state, model, examples)        how test questions are answered (default: greedy generation)
+# `state` is what the method remembers between tasks; state["args"], ["processor"], ["device"] and
+# ["task"] (the index of the current task) are filled in by the loop.
+def trainable(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def ewc_after_task(state, model, examples):
+    """Elastic Weight Consolidation (Kirkpatrick et al., 2017), online form (Schwarz et al., 2018).
+
+    The Fisher of each trainable weight is estimated from squared gradients of the answer-token loss on a
+    sample of the task; it is summed over tasks, and the weights after the task become the new anchor.
+    """
+    args = state["args"]
+    sample = random.Random(args.seed + state["task"]).sample(examples, min(args.ewc_samples, len(examples)))
+    params = trainable(model)
+    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
+    model.train()
+    for start in range(0, len(sample), args.batch_size):
+        chunk = sample[start:start + args.batch_size]
+        model.zero_grad(set_to_none=True)
+        model(**training_batch(state["processor"], chunk, state["device"])).loss.backward()
+        for name, p in params.items():
+            if p.grad is not None:  # a weight the loss does not reach has zero Fisher
+                fisher[name] += p.grad.detach() ** 2 * len(chunk) / len(sample)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    previous = state.get("fisher", {})
+    state["fisher"] = {name: f + previous.get(name, 0) for name, f in fisher.items()}
+    state["anchor"] = {name: p.detach().clone() for name, p in params.items()}
+
+
+def ewc_penalty(state, model, batch, outputs):
+    """lambda/2 * sum F (theta - theta_old)^2 over the trainable weights: zero at the anchor, quadratic away."""
+    if "fisher" not in state:
+        return 0.0
+    penalty = sum((state["fisher"][name] * (p - state["anchor"][name]) ** 2).sum()
+                  for name, p in trainable(model).items())
+    return state["args"].ewc_lambda / 2 * penalty
+
+
+def lwf_before_task(state, model, examples):
+    """Learning without Forgetting (Li & Hoiem, 2016).
+
+    The old model is this network run with the trainable weights it had before the task
+    (torch.func.functional_call), so the frozen copy costs only the trainable parameters.
+    """
+    if state["task"] > 0:
+        state["old"] = {name: p.detach().clone() for name, p in trainable(model).items()}
+
+
+def lwf_distillation(state, model, batch, outputs):
+    """KL(old || new) at temperature T between next-token distributions on the new task's answer positions."""
+    if "old" not in state:
+        return 0.0
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        old_logits = torch.func.functional_call(model, state["old"], args=(), kwargs=inputs).logits
+    answer = batch["labels"][:, 1:] != -100  # logits at position t predict token t+1
+    T = state["args"].lwf_temperature
+    new = torch.log_softmax(outputs.logits[:, :-1][answer] / T, dim=-1)
+    old = torch.log_softmax(old_logits[:, :-1][answer] / T, dim=-1)
+    kl = torch.nn.functional.kl_div(new, old, log_target=True, reduction="batchmean")
+    return state["args"].lwf_alpha * T * T * kl
+
+
+def replay_after_task(state, model, examples):
+    """Experience replay (e.g. Chaudhry et al., 2019): keep a few training examples of each finished task.
+
+    The buffer holds data (image path, instruction, answer), as the paper's replay does, not model outputs.
+    """
+    args = state["args"]
+    state.setdefault("buffer", []).extend(random.Random(args.seed + state["task"]).sample(examples, args.replay_size))
+
+
+def replay_mix(state, examples, rng):
+    """Swap a fixed share of each batch (--replay-ratio) for examples drawn from the buffer."""
+    buffer = state.get("buffer", [])
+    k = min(round(len(examples) * state["args"].replay_ratio), len(buffer))
+    return rng.sample(buffer, k) + examples[k:]
+
+
+def eproj_prepare(state, model):
+    """Expansion, after the paper's expanded projection (EProj): the shared weights of the base stay frozen.
+
+    Each task gets its own LoRA adapter on the language model and its own copy of the projector, side by
+    side through peft's named adapters (modules_to_save copies the projector per adapter).
+    """
+    from peft import get_peft_model
+    model.requires_grad_(False)
+    return get_peft_model(model, eproj_config(state["args"]), adapter_name="task0")
+
+
+def eproj_config(args):
+    from peft import LoraConfig
+    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS,
+                      modules_to_save=["multi_modal_projector"])
+
+
+def eproj_before_task(state, model, examples):
+    """Only the new task's adapter and projector train, so nothing an earlier task learned can change."""
+    name = f"task{state['task']}"
+    if name not in model.peft_config:
+        model.add_adapter(name, eproj_config(state["args"]))
+    model.set_adapter(name)
+    for param_name, p in model.named_parameters():
+        p.requires_grad = f".{name}." in param_name
+
+
+def routing_features(state, model, examples):
+    """What the router sees: the frozen vision tower's mean image feature and the instruction's mean embedding."""
+    processor, device = state["processor"], state["device"]
+    with torch.no_grad():
+        pixels = processor.image_processor(open_images(examples), return_tensors="pt")["pixel_values"].to(device)
+        image = vision_tower(model)(pixels).last_hidden_state.mean(1)
+        tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
+        mask = tokens["attention_mask"].unsqueeze(-1)
+        text = (model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)
+    normalize = torch.nn.functional.normalize
+    return normalize(torch.cat([normalize(image, dim=-1), normalize(text, dim=-1)], -1), dim=-1)
+
+
+def eproj_after_task(state, model, examples):
+    """The task's key: the mean routing feature of (a sample of) its training examples."""
+    sample = random.Random(state["args"].seed).sample(examples, min(64, len(examples)))
+    state.setdefault("keys", []).append(torch.nn.functional.normalize(routing_features(state, model, sample).mean(0), dim=0))
+
+
+def eproj_answer(state, model, examples, true_task):
+    """Route each question to the seen task with the nearest key (cosine); answer with that task's parameters.
+
+    The task is not given at test time; --oracle-task gives it, for comparison (unseen tasks still route).
+    """
+    if state["args"].oracle_task and true_task <= state["task"]:
+        routes = [true_task] * len(examples)
+    else:
+        routes = (routing_features(state, model, examples) @ torch.stack(state["keys"]).T).argmax(-1).tolist()
+    if true_task <= state["task"]:
+        state.setdefault("routing", {})[true_task] = sum(r == true_task for r in routes) / len(routes)
+    answers = [""] * len(examples)
+    for task in sorted(set(routes)):
+        chosen = [i for i, r in enumerate(routes) if r == task]
+        model.set_adapter(f"task{task}")
+        for i, answer in zip(chosen, generate(model, state["processor"], [examples[i] for i in chosen],
+                                              state["args"], state["device"])):
+            answers[i] = answer
+    model.set_adapter(f"task{state['task']}")
+    return answers
+
+
+METHODS = {
+    "finetune": {},
+    "ewc": {"after_task": ewc_after_task, "extra_loss": ewc_penalty},
+    "lwf": {"before_task": lwf_before_task, "extra_loss": lwf_distillation},
+    "replay": {"after_task": replay_after_task, "mix_batch": replay_mix},
+    "eproj": {"prepare": eproj_prepare, "before_task": eproj_before_task, "after_task": eproj_after_task,
+              "answer": eproj_answer},
+}
+
+
+# ---------------------------------------------------------------- training loop
+def train(model, processor, examples, steps, batch_size, lr, rng, device, desc, method=None, state=None):
+    """AdamW on the answer-token loss; a method may change what a batch holds and add a term to the loss."""
+    method = method or {}
+    model.train()
+    optimizer = torch.optim.AdamW(trainable(model).values(), lr=lr)
+    # LLaVA's schedule: a short warm-up, then cosine decay to zero by the end of the task.
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1, disable=None)
+    for _ in progress:
+        chosen = rng.sample(examples, min(batch_size, len(examples)))
+        if "mix_batch" in method:
+            chosen = method["mix_batch"](state, chosen, rng)
+        batch = training_batch(processor, chosen, device)
+        outputs = model(**batch)
+        loss = outputs.loss
+        if "extra_loss" in method:
+            loss = loss + method["extra_loss"](state, model, batch, outputs)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+def run_sequence(model, processor, tasks, args, device, method):
+    """Train the tasks one after another; after each, score every task: row i of the accuracy matrix R."""
+    state = {"args": args, "processor": processor, "device": device, "task": 0}
+    if "prepare" in method:
+        model = method["prepare"](state, model)
+    answer = None
+    if "answer" in method:
+        answer = lambda examples, j: method["answer"](state, model, examples, j)  # noqa: E731
+    rng = random.Random(args.seed)
+    names = list(tasks)
+    matrix = []
+    for i, name in enumerate(names):
+        state["task"] = i
+        examples = tasks[name]["train"]
+        if "before_task" in method:
+            method["before_task"](state, model, examples)
+        train(model, processor, examples, args.steps, args.batch_size, args.lr, rng, device,
+              f"task {i + 1}/{len(names)}: {name}", method, state)
+        if "after_task" in method:
+            method["after_task"](state, model, examples)
+        matrix.append(evaluate_all(model, processor, tasks, args, device, f"after {name}", answer))
+        write_json(args.out / "progress.json", {"tasks": names, "matrix": matrix})
+    return matrix, state
+
+
+def run_joint(model, processor, tasks, args, device, method):
+    """The upper bound: one model trained on all tasks mixed, for the same total number of steps."""
+    mixed = [example for task in tasks.values() for example in task["train"]]
+    train(model, processor, mixed, args.steps * len(tasks), args.batch_size, args.lr, random.Random(args.seed),
+          device, "joint: all tasks")
+    matrix = [evaluate_all(model, processor, tasks, args, device, "after joint training")]
+    write_json(args.out / "progress.json", {"tasks": list(tasks), "matrix": matrix})
+    return matrix, {}
+
+
+# ---------------------------------------------------------------- evaluation and metrics
+def normalize(text):
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def exact_match(predictions, references):
+    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)
+
+
+def bleu4(predictions, references):
+    """Corpus BLEU-4 (Papineni et al., 2002) with one reference per example, on normalized words."""
+    matched, total = [0] * 4, [0] * 4
+    prediction_length = reference_length = 0
+    for prediction, reference in zip(predictions, references):
+        p, r = normalize(prediction).split(), normalize(reference).split()
+        prediction_length, reference_length = prediction_length + len(p), reference_length + len(r)
+        for n in range(1, 5):
+            p_grams = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
+            r_grams = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            matched[n - 1] += sum((p_grams & r_grams).values())
+            total[n - 1] += max(len(p) - n + 1, 0)
+    if min(matched) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matched, total)) / 4
+    brevity = min(0.0, 1 - reference_length / prediction_length)
+    return math.exp(log_precision + brevity)
+
+
+def metric_for(examples):
+    """Captions (answers of four words or more on average) are scored by BLEU-4, short answers by exact match."""
+    mean_words = sum(len(e["answer"].split()) for e in examples) / len(examples)
+    return bleu4 if mean_words >= 4 else exact_match
+
+
+@torch.no_grad()
+def generate(model, processor, examples, args, device):
+    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
+    answers = []
+    processor.tokenizer.padding_side = "left"
+    for start in range(0, len(examples), args.eval_batch_size):
+        chunk = examples[start:start + args.eval_batch_size]
+        prompts = [processor.apply_chat_template(chat(e["question"]), add_generation_prompt=True) for e in chunk]
+        batch = processor(images=open_images(chunk), text=prompts, padding=True, return_tensors="pt").to(device)
+        output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
+        answers += processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def evaluate_all(model, processor, tasks, args, device, title, answer=None):
+    """Score every task, seen or not, and print a few answers so the forgetting can be seen, not just counted."""
+    model.eval()
+    scores = []
+    print(f"\n{title}:")
+    for j, (name, task) in enumerate(tasks.items()):
+        examples = task["test"]
+        predictions = answer(examples, j) if answer else generate(model, processor, examples, args, device)
+        scores.append(metric_for(examples)(predictions, [e["answer"] for e in examples]))
+        print(f"  {name:<12} {scores[-1]:.2f}")
+        for example, prediction in list(zip(examples, predictions))[:args.show]:
+            print(f"      Q: {example['question'].splitlines()[0]}  A: {prediction!r}  (expected {example['answer']!r})")
+    return scores
+
+
+def summarize(matrix):
+    """Average accuracy, backward transfer and forgetting of an accuracy matrix R (rows: after task i)."""
+    final, T = matrix[-1], len(matrix)
+    average = sum(final) / len(final)
+    if T == 1:
+        return {"average": average, "forgetting": 0.0, "bwt": 0.0}
+    bwt = sum(final[j] - matrix[j][j] for j in range(T - 1)) / (T - 1)
+    forgetting = sum(max(matrix[l][j] for l in range(j, T - 1)) - final[j] for j in range(T - 1)) / (T - 1)
+    return {"average": average, "forgetting": forgetting, "bwt": bwt}
+
+
+def format_matrix(matrix, names):
+    width = max(8, *map(len, names)) + 1
+    row_names = names if len(matrix) == len(names) else ["joint"]
+    lines = ["after \\ on".ljust(width) + "".join(n.rjust(width) for n in names)]
+    lines += [f"{r:<{width}}" + "".join(f"{v:{width}.2f}" for v in row) for r, row in zip(row_names, matrix)]
+    return "\n".join(lines)
+
+
+def write_json(path, data):
+    """Write through a temporary file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------- main
+def run_method(args):
+    """One continual run of args.method: the accuracy matrix, its metrics, written to <out>/results.json."""
+    started = time.time()
+    device = pick_device(args.device)
+    data_dir = Path(args.data)
+    names = args.tasks.split(",") if args.tasks else default_task_names(data_dir)
+    tasks = load_tasks(data_dir, names, args.max_train, args.max_test)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, processor = load_model(args, device)
+    run = run_joint if args.method == "joint" else run_sequence
+    matrix, state = run(model, processor, tasks, args, device, METHODS.get(args.method, {}))
+    results = {"method": args.method, "tasks": names, "matrix": matrix, **summarize(matrix)}
+    if "routing" in state:
+        results["routing_accuracy"] = sum(state["routing"].values()) / len(state["routing"])
+    results.update(wall_time_s=round(time.time() - started, 1), config=vars(args))
+    write_json(args.out / "results.json", results)
+    print(f"\naccuracy matrix R (row: after training task i; column: score on task j)\n{format_matrix(matrix, names)}")
+    print(f"\n{args.method}: average {results['average']:.3f}  forgetting {results['forgetting']:.3f}  "
+          f"bwt {results['bwt']:+.3f}  ({results['wall_time_s']:.0f} s)  -> {args.out / 'results.json'}")
+    return results
+
+
+def compare(all_results, out):
+    """The methods side by side: a table (printed, and written as summary.md) and a picture of the matrices."""
+    lines = ["| method | average | forgetting | bwt | wall time (s) |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['method']} | {r['average']:.3f} | {r['forgetting']:.3f} | {r['bwt']:+.3f} | {r['wall_time_s']:.0f} |"
+              for r in all_results]
+    table = "\n".join(lines)
+    print(f"\n{table}")
+    (out / "summary.md").write_text(table + "\n")
+    draw_matrices(all_results, out / "summary.png")
+
+
+def draw_matrices(all_results, path, cell=30):
+    """Each method's accuracy matrix as a small heatmap (dark = high score), side by side, with pillow."""
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=11)
+    names = all_results[0]["tasks"]
+    left, top, gap = 80, 46, 20
+    width = left + len(names) * cell
+    picture = Image.new("RGB", (len(all_results) * (width + gap), top + len(names) * cell + 60), "white")
+    draw = ImageDraw.Draw(picture)
+    for k, result in enumerate(all_results):
+        x0 = k * (width + gap)
+        draw.text((x0 + left, 4), result["method"], fill="black", font=ImageFont.load_default(size=14))
+        draw.text((x0 + left, 22), f"avg {result['average']:.2f}  fgt {result['forgetting']:.2f}", fill="black", font=font)
+        rows = names if len(result["matrix"]) > 1 else ["joint"]
+        for i, (row_name, row) in enumerate(zip(rows, result["matrix"])):
+            draw.text((x0 + 4, top + i * cell + 9), f"after {row_name}"[:12], fill="black", font=font)
+            for j, value in enumerate(row):
+                shade = int(255 * (1 - value))
+                box = [x0 + left + j * cell, top + i * cell, x0 + left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
+                draw.rectangle(box, fill=(shade, shade, 255))
+                draw.text((box[0] + 4, box[1] + 9), f"{value:.1f}", fill="white" if value > 0.5 else "black", font=font)
+        for j, name in enumerate(names):
+            draw.text((x0 + left + j * cell, top + len(names) * cell + 4 + 12 * (j % 2)), name[:6], fill="black", font=font)
+    picture.save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.method != "all":
+        return run_method(args)
+    all_results = []
+    for method in ALL_METHODS:
+        print(f"\n======== {method} ========")
+        all_results.append(run_method(argparse.Namespace(**{**vars(args), "method": method, "out": args.out / method})))
+    compare(all_results, args.out)
+    return all_results
+
+
+if __name__ == "__main__":
+    main()

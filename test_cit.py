@@ -1,0 +1,223 @@
+"""Tests for cit.py: HF_HUB_OFFLINE=1 python -m pytest -q test_cit.py  (offline, CPU, under 3 minutes)."""
+import json
+import os
+import random
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the network: the tiny model is built here
+
+import pytest
+import torch
+from PIL import Image
+
+import cit
+
+# The tests build their own smaller base (same code, fewer alignment steps) so the suite stays fast.
+TEST_BASE = dict(cit.TINY_BASE, align_steps=600, instruct_steps=100)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def small_base(monkeypatch):
+    monkeypatch.setattr(cit, "TINY_BASE", TEST_BASE)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random tiny LLaVA and its processor: enough for the mechanics of masking and methods."""
+    torch.manual_seed(0)
+    model, processor = cit.tiny_model_and_processor(cit.tiny_tokenizer(cit.tiny_corpus()))
+    return model.eval(), processor
+
+
+def run(tmp_path, cache, *flags):
+    return cit.main(["--out", str(tmp_path / "out"), "--cache", str(cache), "--show", "0", *flags])
+
+
+def write_task(folder, records):
+    (folder / "images").mkdir(parents=True)
+    for i, color in enumerate(["red", "blue"]):
+        Image.new("RGB", (50, 20), color).save(folder / "images" / f"{i}.png")
+    for split in ["train", "test"]:
+        (folder / f"{split}.json").write_text(json.dumps(records))
+
+
+def record(i, question, answer):
+    return {"id": str(i), "image": f"images/{i}.png",
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+
+
+# ---- data
+def test_loader_reads_llava_records_with_images_relative_to_the_task(tmp_path):
+    write_task(tmp_path / "colors", [record(0, "<image>\nWhat color?", "red"), record(1, "Which one?\n<image>", " blue ")])
+    tasks = cit.load_tasks(tmp_path, ["colors"])
+    first, second = tasks["colors"]["train"]
+    assert first == {"image": tmp_path / "colors" / "images" / "0.png", "question": "What color?", "answer": "red"}
+    assert second["question"] == "Which one?" and second["answer"] == "blue"
+    assert cit.default_task_names(tmp_path) == ["colors"]
+
+
+def test_default_task_order_lists_the_tiny_tasks_and_skips_the_base_mixes():
+    assert cit.default_task_names(cit.HERE / "tiny_tasks") == cit.TASK_ORDER
+
+
+def test_labels_are_the_answer_tokens_only(tiny):
+    _, processor = tiny
+    examples = cit.load_split(cit.HERE / "tiny_tasks" / "count", "train")[:3]
+    batch = cit.training_batch(processor, examples, "cpu")
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (batch["labels"][batch["input_ids"] == image_token] == -100).all()
+    for row, example in zip(batch["labels"], examples):
+        answer = processor.tokenizer.decode(row[row != -100])
+        assert answer.strip() == example["answer"] + "</s>"
+
+
+def test_tokenizer_covers_text_it_never_saw(tiny):
+    tokenizer = tiny[1].tokenizer
+    text = "Zürich, naïve café: ½ 🙂 qwxz"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids
+
+
+def test_images_of_any_size_and_mode_become_model_sized_rgb(tiny):
+    _, processor = tiny
+    images = [Image.new("L", (300, 17)), Image.new("RGBA", (5, 90))]
+    pixels = processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    size = cit.TINY_VISION["image_size"]
+    assert pixels.shape == (2, 3, size, size)
+
+
+# ---- metrics
+def test_metrics_match_a_hand_worked_matrix():
+    matrix = [[0.9, 0.1, 0.0],
+              [0.5, 0.8, 0.2],
+              [0.3, 0.4, 0.7]]
+    metrics = cit.summarize(matrix)
+    assert metrics["average"] == pytest.approx((0.3 + 0.4 + 0.7) / 3)
+    assert metrics["bwt"] == pytest.approx(((0.3 - 0.9) + (0.4 - 0.8)) / 2)
+    assert metrics["forgetting"] == pytest.approx(((0.9 - 0.3) + (0.8 - 0.4)) / 2)
+
+
+def test_forgetting_uses_the_best_earlier_score_not_the_first():
+    metrics = cit.summarize([[0.2, 0.0, 0.0],
+                             [0.6, 0.5, 0.0],
+                             [0.1, 0.5, 0.9]])
+    assert metrics["forgetting"] == pytest.approx(((0.6 - 0.1) + (0.5 - 0.5)) / 2)
+    assert metrics["bwt"] == pytest.approx(((0.1 - 0.2) + (0.5 - 0.5)) / 2)
+
+
+def test_exact_match_normalizes_case_and_punctuation():
+    assert cit.exact_match(["Red.", " top  LEFT", "B"], ["red", "top left", "A"]) == pytest.approx(2 / 3)
+
+
+def test_bleu4_is_one_for_identical_zero_without_shared_4grams_and_penalizes_short():
+    reference = ["a red circle left of a blue square"]
+    assert cit.bleu4(reference, reference) == pytest.approx(1.0)
+    assert cit.bleu4(["square blue a of left"], reference) == 0.0
+    assert 0 < cit.bleu4(["a red circle left of a"], reference) < 1
+    assert cit.metric_for([{"answer": reference[0]}]) is cit.bleu4
+    assert cit.metric_for([{"answer": "top left"}]) is cit.exact_match
+
+
+# ---- methods' mechanics
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(tiny):
+    model, processor = tiny
+    args = cit.parse_args(["--batch-size", "4", "--ewc-samples", "8"])
+    state = {"args": args, "processor": processor, "device": "cpu", "task": 0}
+    cit.ewc_after_task(state, model, cit.load_split(cit.HERE / "tiny_tasks" / "count", "train"))
+    assert cit.ewc_penalty(state, model, None, None) == 0
+    assert all((f >= 0).all() for f in state["fisher"].values()) and any(f.sum() > 0 for f in state["fisher"].values())
+    weight = model.lm_head.weight
+    with torch.no_grad():
+        weight += 0.01
+        small = cit.ewc_penalty(state, model, None, None).item()
+        weight += 0.01
+        large = cit.ewc_penalty(state, model, None, None).item()
+        weight -= 0.02
+    assert 0 < small < large
+
+
+def test_lwf_term_is_zero_while_the_model_equals_its_frozen_copy(tiny):
+    model, processor = tiny
+    state = {"args": cit.parse_args([]), "task": 1}
+    cit.lwf_before_task(state, model, [])
+    batch = cit.training_batch(processor, cit.load_split(cit.HERE / "tiny_tasks" / "ocr", "train")[:4], "cpu")
+    assert cit.lwf_distillation(state, model, batch, model(**batch)).item() == pytest.approx(0, abs=1e-6)
+    original = model.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        model.lm_head.weight += 0.1 * torch.randn_like(original)
+        assert cit.lwf_distillation(state, model, batch, model(**batch)).item() > 1e-4
+        model.lm_head.weight.copy_(original)
+
+
+def test_replay_keeps_the_set_number_per_task_and_mixes_them_into_batches():
+    args = cit.parse_args(["--replay-size", "5", "--replay-ratio", "0.25"])
+    state = {"args": args}
+    for task in range(2):
+        state["task"] = task
+        cit.replay_after_task(state, None, [{"task": task, "i": i} for i in range(50)])
+    assert [e["task"] for e in state["buffer"]] == [0] * 5 + [1] * 5
+    batch = cit.replay_mix(state, [{"task": 2, "i": i} for i in range(16)], random.Random(0))
+    assert len(batch) == 16 and sum(e["task"] < 2 for e in batch) == 4
+
+
+def test_eproj_leaves_earlier_tasks_untouched_and_routes_to_the_right_task(tmp_path, cache):
+    args = cit.parse_args(["--method", "eproj", "--tasks", "count,mcq", "--steps", "20", "--max-test", "20",
+                           "--cache", str(cache), "--out", str(tmp_path), "--show", "0"])
+    model, processor = cit.load_model(args, "cpu")
+    tasks = cit.load_tasks(cit.HERE / "tiny_tasks", ["count", "mcq"], None, 20)
+    snapshots = []
+    method = dict(cit.METHODS["eproj"])
+    method["after_task"] = lambda state, model, examples: (
+        cit.eproj_after_task(state, model, examples),
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if ".task0." in n}))
+    matrix, state = cit.run_sequence(model, processor, tasks, args, "cpu", method)
+    before, after = snapshots
+    assert before and all(torch.equal(before[n], after[n]) for n in before)
+    assert state["routing"] == {0: 1.0, 1: 1.0}
+
+
+# ---- whole runs
+def test_a_short_run_writes_results_whose_metrics_follow_from_its_matrix(tmp_path, cache):
+    results = run(tmp_path, cache, "--tasks", "count,grounding,ocr", "--steps", "3", "--max-test", "8")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["tasks"] == ["count", "grounding", "ocr"] and len(saved["matrix"]) == 3
+    assert all(len(row) == 3 for row in saved["matrix"])
+    for key, value in cit.summarize(saved["matrix"]).items():
+        assert saved[key] == pytest.approx(value)
+    assert json.loads((tmp_path / "out" / "progress.json").read_text())["matrix"] == saved["matrix"]
+    assert results["method"] == "finetune" and saved["config"]["steps"] == 3
+
+
+def test_sequential_finetuning_forgets_and_joint_training_does_not(tmp_path, cache):
+    flags = ["--tasks", "count,mcq", "--steps", "60", "--max-test", "40"]
+    finetune = run(tmp_path / "ft", cache, *flags)
+    joint = run(tmp_path / "joint", cache, "--method", "joint", *flags)
+    assert finetune["matrix"][0][0] >= 0.5  # the first task was learned...
+    assert finetune["forgetting"] >= 0.3  # ...and then forgotten
+    assert joint["forgetting"] == 0 and len(joint["matrix"]) == 1
+    assert joint["average"] >= finetune["average"] + 0.2
+
+
+def test_every_method_runs_and_all_draws_the_comparison(tmp_path, cache):
+    results = run(tmp_path, cache, "--method", "all", "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
+    assert [r["method"] for r in results] == cit.ALL_METHODS
+    assert "| eproj |" in (tmp_path / "out" / "summary.md").read_text()
+    assert Image.open(tmp_path / "out" / "summary.png").size[0] > 6 * 100
+    assert 0 <= results[cit.ALL_METHODS.index("eproj")]["routing_accuracy"] <= 1
+
+
+def test_bases_are_cached_by_recipe(tmp_path, cache):
+    args = cit.parse_args(["--cache", str(cache)])
+    cit.tiny_base("align", args, "cpu")
+    folders = sorted(p.name for p in cache.iterdir())
+    cit.tiny_base("align", args, "cpu")
+    assert sorted(p.name for p in cache.iterdir()) == folders
+    args.seed = 1  # a different recipe must not reuse the cached base
+    key_before = cit.base_folder("align", cit.parse_args(["--cache", str(cache)])).name
+    assert cit.base_folder("align", args).name != key_before
