@@ -19,9 +19,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image
+from peft import LoraConfig, get_peft_model
+from PIL import Image, ImageDraw, ImageFont
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import (AutoProcessor, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast,
+                          get_cosine_schedule_with_warmup)
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 # The tiny tasks' default order: captioning first, as in the paper's benchmark, multiple choice last.
 TASK_ORDER = ["caption", "ocr", "classify", "vqa", "count", "grounding", "mcq"]
 # The tiny LMM: a CLIP vision tower (32x32 images, 8x8 patches: 16 image tokens), a two-layer MLP
-# projector and a Llama language model over bytes.
+# projector and a Llama language model, with a byte-level tokenizer made here.
 TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                    image_size=32, patch_size=8)
 TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
@@ -162,8 +166,6 @@ def tiny_tokenizer(texts):
 
     Every byte stays in the vocabulary, so any text a user's data brings is covered: no unknown tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -184,8 +186,6 @@ def tiny_corpus():
 
 def tiny_model_and_processor(tokenizer):
     """A real transformers LLaVA built from a small config with random weights: nothing is downloaded."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     size = TINY_VISION["image_size"]
     # Resize to the input size without cropping, so images of any shape keep all their content.
     image_processor = CLIPImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False)
@@ -225,7 +225,6 @@ def base_folder(flavour, args):
 
 def tiny_base(flavour, args, device):
     """Build the tiny base once (LLaVA's stages, in miniature) and keep it in the Hugging Face layout."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
     folder = base_folder(flavour, args)
     if (folder / "config.json").is_file():
         return LlavaForConditionalGeneration.from_pretrained(folder).to(device), AutoProcessor.from_pretrained(folder)
@@ -265,7 +264,7 @@ def load_model(args, device):
 #   extra_loss(state, model, batch, out)  a term added to the task's loss at every step
 #   mix_batch(state, examples, rng)       what a training batch holds
 #   after_task(state, model, examples)    after training a task
-#   answer(state, model, examples)        how test questions are answered (default: greedy generation)
+#   answer(state, model, examples, j)     how task j's test questions are answered (default: greedy generation)
 # `state` is what the method remembers between tasks; state["args"], ["processor"], ["device"] and
 # ["task"] (the index of the current task) are filled in by the loop.
 def trainable(model):
@@ -353,13 +352,11 @@ def eproj_prepare(state, model):
     Each task gets its own LoRA adapter on the language model and its own copy of the projector, side by
     side through peft's named adapters (modules_to_save copies the projector per adapter).
     """
-    from peft import get_peft_model
     model.requires_grad_(False)
     return get_peft_model(model, eproj_config(state["args"]), adapter_name="task0")
 
 
 def eproj_config(args):
-    from peft import LoraConfig
     return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS,
                       modules_to_save=["multi_modal_projector"])
 
@@ -613,7 +610,6 @@ def compare(all_results, out):
 
 def draw_matrices(all_results, path, cell=30):
     """Each method's accuracy matrix as a small heatmap (dark = high score), side by side, with pillow."""
-    from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default(size=11)
     names = all_results[0]["tasks"]
     left, top, gap = 80, 46, 20
@@ -623,10 +619,12 @@ def draw_matrices(all_results, path, cell=30):
     for k, result in enumerate(all_results):
         x0 = k * (width + gap)
         draw.text((x0 + left, 4), result["method"], fill="black", font=ImageFont.load_default(size=14))
-        draw.text((x0 + left, 22), f"avg {result['average']:.2f}  fgt {result['forgetting']:.2f}", fill="black", font=font)
+        draw.text((x0 + left, 22), f"avg {result['average']:.2f}  forgetting {result['forgetting']:.2f}",
+                  fill="black", font=font)
+        draw.text((x0 + 4, 22), "after \\ on", fill="gray", font=font)
         rows = names if len(result["matrix"]) > 1 else ["joint"]
         for i, (row_name, row) in enumerate(zip(rows, result["matrix"])):
-            draw.text((x0 + 4, top + i * cell + 9), f"after {row_name}"[:12], fill="black", font=font)
+            draw.text((x0 + 4, top + i * cell + 9), row_name[:11], fill="black", font=font)
             for j, value in enumerate(row):
                 shade = int(255 * (1 - value))
                 box = [x0 + left + j * cell, top + i * cell, x0 + left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
