@@ -19,13 +19,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
-from transformers import (AutoProcessor, CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast,
-                          get_cosine_schedule_with_warmup)
+from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPImageProcessorPil, CLIPVisionConfig,
+                          LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                          PreTrainedTokenizerFast, get_cosine_schedule_with_warmup)
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,6 +52,9 @@ TINY_CHAT_TEMPLATE = (
 ALL_METHODS = ["finetune", "ewc", "lwf", "replay", "eproj", "joint"]
 # LoRA goes on the language model's attention and MLP projections, never on the vision tower.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# What the vision encoder and the vision-to-language projector are called across transformers' LMMs.
+VISION_NAMES = ["vision_tower", "visual", "vision_model"]
+PROJECTOR_NAMES = ["multi_modal_projector", "connector", "merger"]
 
 
 def parse_args(argv=None):
@@ -70,14 +73,24 @@ def parse_args(argv=None):
                                       f"(default for the tiny tasks: {','.join(TASK_ORDER)})")
     data.add_argument("--max-train", type=int, help="use at most this many training examples per task")
     data.add_argument("--max-test", type=int, help="use at most this many test examples per task")
+    data.add_argument("--image-root", help="resolve image paths against this folder instead of each task folder")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="'tiny', or a Hugging Face hub id or local folder")
     model.add_argument("--base", default="align", choices=["align", "instruct"],
                        help="tiny model only: start from the alignment base or the instruction-tuned base")
     model.add_argument("--cache", default=str(HERE / "runs" / "cache"), help="where tiny bases are kept")
+    model.add_argument("--lora", action=argparse.BooleanOptionalAction,
+                       help="train LoRA adapters on the language model plus the projector "
+                            "(default: on for real models, off for tiny)")
+    model.add_argument("--lora-rank", type=int, default=8, help="rank of LoRA adapters (--lora and eproj)")
+    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights' type; auto: bfloat16 on a GPU that has it, else float32")
+    model.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    model.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--steps", type=int, default=200, help="training steps per task")
     optim.add_argument("--batch-size", type=int, default=16)
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     optim.add_argument("--lr", type=float, default=1e-3)
     optim.add_argument("--eval-batch-size", type=int, default=100)
     optim.add_argument("--max-new-tokens", type=int, default=40)
@@ -88,10 +101,11 @@ def parse_args(argv=None):
     cl.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF: softmax temperature")
     cl.add_argument("--replay-size", type=int, default=20, help="replay: examples kept per finished task")
     cl.add_argument("--replay-ratio", type=float, default=0.25, help="replay: share of each batch from the buffer")
-    cl.add_argument("--lora-rank", type=int, default=8, help="eproj: rank of each task's LoRA adapter")
     cl.add_argument("--oracle-task", action="store_true", help="eproj: give the true task instead of routing")
     args = parser.parse_args(argv)
     args.out = Path(args.out or f"runs/{args.method}")
+    if args.lora is None:
+        args.lora = args.model != "tiny"
     return args
 
 
@@ -106,7 +120,7 @@ def pick_device(requested=None):
 
 
 # ---------------------------------------------------------------- data
-def load_split(task_dir, split):
+def load_split(task_dir, split, image_root=None):
     """Read one split of a task folder in LLaVA's format into (image path, question, answer) records.
 
     Only the first human/gpt exchange of each conversation is used: the benchmark tasks are single-turn.
@@ -117,14 +131,15 @@ def load_split(task_dir, split):
         turns = record["conversations"]
         question = next(t["value"] for t in turns if t["from"] == "human")
         answer = next(t["value"] for t in turns if t["from"] == "gpt")
-        examples.append({"image": task_dir / record["image"], "question": question.replace("<image>", "").strip(),
+        image = Path(image_root or task_dir) / record["image"]
+        examples.append({"image": image, "question": question.replace("<image>", "").strip(),
                          "answer": answer.strip()})
     return examples
 
 
-def load_tasks(data_dir, names, max_train=None, max_test=None):
-    return {name: {"train": load_split(data_dir / name, "train")[:max_train],
-                   "test": load_split(data_dir / name, "test")[:max_test]} for name in names}
+def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None):
+    return {name: {"train": load_split(data_dir / name, "train", image_root)[:max_train],
+                   "test": load_split(data_dir / name, "test", image_root)[:max_test]} for name in names}
 
 
 def default_task_names(data_dir):
@@ -227,34 +242,91 @@ def tiny_base(flavour, args, device):
     """Build the tiny base once (LLaVA's stages, in miniature) and keep it in the Hugging Face layout."""
     folder = base_folder(flavour, args)
     if (folder / "config.json").is_file():
-        return LlavaForConditionalGeneration.from_pretrained(folder).to(device), AutoProcessor.from_pretrained(folder)
+        return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
     if flavour == "align":
         torch.manual_seed(args.seed)
         model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
         model.to(device)
     else:
         model, processor = tiny_base("align", args, device)
-        vision_tower(model).requires_grad_(False)
+        model.to(device)
+        submodule(model, VISION_NAMES).requires_grad_(False)
     examples = load_split(HERE / "tiny_tasks" / "base" / flavour, "train")
     train(model, processor, examples, TINY_BASE[f"{flavour}_steps"], TINY_BASE["batch_size"], TINY_BASE["lr"],
           random.Random(args.seed), device, desc=f"base: {flavour}")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    return model, processor
+    return tiny_base(flavour, args, device)
 
 
-def vision_tower(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.vision_tower
+def submodule(model, names):
+    """The vision encoder or the projector, whatever this model family calls it (see VISION_NAMES)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in names:
+            return module
+    sys.exit(f"cit.py: the model has no module named any of {names}: is it an image-text-to-text model?")
+
+
+def pick_dtype(args, device):
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_pretrained(name, args, dtype):
+    """Any image-text-to-text model of transformers, from the hub or a folder, through the generic classes.
+
+    A folder that a run saved with LoRA holds an adapter: it is loaded onto the base it names and merged.
+    """
+    try:
+        if (Path(name) / "adapter_config.json").is_file():
+            base = PeftConfig.from_pretrained(name).base_model_name_or_path
+            model, _ = load_pretrained(base, args, dtype)
+            return PeftModel.from_pretrained(model, name).merge_and_unload(), AutoProcessor.from_pretrained(name)
+        options = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
+        return (AutoModelForImageTextToText.from_pretrained(name, **options),
+                AutoProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code))
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0]
+        sys.exit(f"cit.py: cannot load --model {name}: tried a local folder and the Hugging Face hub "
+                 f"({first_line}). Check the name, or download it while online and pass its folder.")
+    except ValueError as error:
+        sys.exit(f"cit.py: --model {name} is not an image-text-to-text model that transformers can load: {error}")
 
 
 def load_model(args, device):
-    """The base model to tune, its processor, ready for training: the vision tower stays frozen."""
-    if args.model != "tiny":
-        sys.exit("cit.py: only --model tiny is supported so far")
-    model, processor = tiny_base(args.base, args, device)
-    vision_tower(model).requires_grad_(False)
+    """The base model, ready to tune: vision encoder frozen; with --lora, LoRA on the language model."""
+    dtype = pick_dtype(args, device)
+    if args.model == "tiny":
+        model, processor = tiny_base(args.base, args, device)
+        model.to(dtype)
+    else:
+        model, processor = load_pretrained(args.model, args, dtype)
+    if processor.chat_template is None:  # a model without one gets LLaVA-1.5's format
+        processor.chat_template = TINY_CHAT_TEMPLATE
+    model.to(device)
+    submodule(model, VISION_NAMES).requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if args.lora and args.method != "eproj":  # eproj makes its own adapters, one per task
+        model.requires_grad_(False)
+        model = get_peft_model(model, lora_config(args, model))
     return model, processor
+
+
+def lora_config(args, model):
+    """LoRA on the language model; the projector trains fully (peft keeps a trainable copy of it)."""
+    projector = next(name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                     if name.rsplit(".", 1)[-1] in PROJECTOR_NAMES)
+    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS,
+                      modules_to_save=[projector])
+
+
+def save_model(model, processor, folder):
+    """The run's final model in the Hugging Face layout; with LoRA, the adapter(s) and the base they need."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------- continual-learning methods
@@ -353,33 +425,32 @@ def eproj_prepare(state, model):
     side through peft's named adapters (modules_to_save copies the projector per adapter).
     """
     model.requires_grad_(False)
-    return get_peft_model(model, eproj_config(state["args"]), adapter_name="task0")
-
-
-def eproj_config(args):
-    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS,
-                      modules_to_save=["multi_modal_projector"])
+    return get_peft_model(model, lora_config(state["args"], model), adapter_name="task0")
 
 
 def eproj_before_task(state, model, examples):
     """Only the new task's adapter and projector train, so nothing an earlier task learned can change."""
     name = f"task{state['task']}"
     if name not in model.peft_config:
-        model.add_adapter(name, eproj_config(state["args"]))
+        model.add_adapter(name, lora_config(state["args"], model))
     model.set_adapter(name)
     for param_name, p in model.named_parameters():
         p.requires_grad = f".{name}." in param_name
 
 
 def routing_features(state, model, examples):
-    """What the router sees: the frozen vision tower's mean image feature and the instruction's mean embedding."""
+    """What the router sees: the base model's mean image feature and the instruction's mean embedding.
+
+    Adapters are switched off, so the features come from the frozen shared weights and never drift.
+    """
     processor, device = state["processor"], state["device"]
-    with torch.no_grad():
-        pixels = processor.image_processor(open_images(examples), return_tensors="pt")["pixel_values"].to(device)
-        image = vision_tower(model)(pixels).last_hidden_state.mean(1)
+    with torch.no_grad(), model.disable_adapter():
+        pixels = processor.image_processor(open_images(examples), return_tensors="pt").to(device)
+        features = model.get_image_features(**pixels).pooler_output
+        image = torch.stack([f.reshape(-1, f.shape[-1]).float().mean(0) for f in features])
         tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
         mask = tokens["attention_mask"].unsqueeze(-1)
-        text = (model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)
+        text = ((model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)).float()
     normalize = torch.nn.functional.normalize
     return normalize(torch.cat([normalize(image, dim=-1), normalize(text, dim=-1)], -1), dim=-1)
 
@@ -423,7 +494,8 @@ METHODS = {
 
 
 # ---------------------------------------------------------------- training loop
-def train(model, processor, examples, steps, batch_size, lr, rng, device, desc, method=None, state=None):
+def train(model, processor, examples, steps, batch_size, lr, rng, device, desc, method=None, state=None,
+          grad_accum=1):
     """AdamW on the answer-token loss; a method may change what a batch holds and add a term to the loss."""
     method = method or {}
     model.train()
@@ -432,15 +504,16 @@ def train(model, processor, examples, steps, batch_size, lr, rng, device, desc, 
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1, disable=None)
     for _ in progress:
-        chosen = rng.sample(examples, min(batch_size, len(examples)))
-        if "mix_batch" in method:
-            chosen = method["mix_batch"](state, chosen, rng)
-        batch = training_batch(processor, chosen, device)
-        outputs = model(**batch)
-        loss = outputs.loss
-        if "extra_loss" in method:
-            loss = loss + method["extra_loss"](state, model, batch, outputs)
-        loss.backward()
+        for _ in range(grad_accum):  # micro-batches whose gradients add up to one batch
+            chosen = rng.sample(examples, min(batch_size, len(examples)))
+            if "mix_batch" in method:
+                chosen = method["mix_batch"](state, chosen, rng)
+            batch = training_batch(processor, chosen, device)
+            outputs = model(**batch)
+            loss = outputs.loss
+            if "extra_loss" in method:
+                loss = loss + method["extra_loss"](state, model, batch, outputs)
+            (loss / grad_accum).backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -465,22 +538,22 @@ def run_sequence(model, processor, tasks, args, device, method):
         if "before_task" in method:
             method["before_task"](state, model, examples)
         train(model, processor, examples, args.steps, args.batch_size, args.lr, rng, device,
-              f"task {i + 1}/{len(names)}: {name}", method, state)
+              f"task {i + 1}/{len(names)}: {name}", method, state, args.grad_accum)
         if "after_task" in method:
             method["after_task"](state, model, examples)
         matrix.append(evaluate_all(model, processor, tasks, args, device, f"after {name}", answer))
         write_json(args.out / "progress.json", {"tasks": names, "matrix": matrix})
-    return matrix, state
+    return matrix, model, state
 
 
 def run_joint(model, processor, tasks, args, device, method):
     """The upper bound: one model trained on all tasks mixed, for the same total number of steps."""
     mixed = [example for task in tasks.values() for example in task["train"]]
     train(model, processor, mixed, args.steps * len(tasks), args.batch_size, args.lr, random.Random(args.seed),
-          device, "joint: all tasks")
+          device, "joint: all tasks", grad_accum=args.grad_accum)
     matrix = [evaluate_all(model, processor, tasks, args, device, "after joint training")]
     write_json(args.out / "progress.json", {"tasks": list(tasks), "matrix": matrix})
-    return matrix, {}
+    return matrix, model, {}
 
 
 # ---------------------------------------------------------------- evaluation and metrics
@@ -580,12 +653,13 @@ def run_method(args):
     device = pick_device(args.device)
     data_dir = Path(args.data)
     names = args.tasks.split(",") if args.tasks else default_task_names(data_dir)
-    tasks = load_tasks(data_dir, names, args.max_train, args.max_test)
+    tasks = load_tasks(data_dir, names, args.max_train, args.max_test, args.image_root)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, processor = load_model(args, device)
     run = run_joint if args.method == "joint" else run_sequence
-    matrix, state = run(model, processor, tasks, args, device, METHODS.get(args.method, {}))
+    matrix, model, state = run(model, processor, tasks, args, device, METHODS.get(args.method, {}))
+    save_model(model, processor, args.out / "model")
     results = {"method": args.method, "tasks": names, "matrix": matrix, **summarize(matrix)}
     if "routing" in state:
         results["routing_accuracy"] = sum(state["routing"].values()) / len(state["routing"])

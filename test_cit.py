@@ -2,6 +2,8 @@
 import json
 import os
 import random
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the network: the tiny model is built here
 
@@ -176,7 +178,7 @@ def test_eproj_leaves_earlier_tasks_untouched_and_routes_to_the_right_task(tmp_p
     method["after_task"] = lambda state, model, examples: (
         cit.eproj_after_task(state, model, examples),
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if ".task0." in n}))
-    matrix, state = cit.run_sequence(model, processor, tasks, args, "cpu", method)
+    matrix, model, state = cit.run_sequence(model, processor, tasks, args, "cpu", method)
     before, after = snapshots
     assert before and all(torch.equal(before[n], after[n]) for n in before)
     assert state["routing"] == {0: 1.0, 1: 1.0}
@@ -221,3 +223,33 @@ def test_bases_are_cached_by_recipe(tmp_path, cache):
     args.seed = 1  # a different recipe must not reuse the cached base
     key_before = cit.base_folder("align", cit.parse_args(["--cache", str(cache)])).name
     assert cit.base_folder("align", args).name != key_before
+
+
+# ---- real-model path, exercised on folders this project saves itself
+def test_every_method_runs_with_lora(tmp_path, cache):
+    results = run(tmp_path, cache, "--method", "all", "--lora", "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
+    assert [r["method"] for r in results] == cit.ALL_METHODS
+    assert all(r["config"]["lora"] for r in results)
+    assert (tmp_path / "out" / "ewc" / "model" / "adapter_config.json").is_file()
+
+
+def test_a_saved_lora_run_loads_back_through_the_generic_path(tmp_path, cache):
+    run(tmp_path / "first", cache, "--lora", "--tasks", "count", "--steps", "5", "--max-test", "4")
+    saved = tmp_path / "first" / "out" / "model"
+    args = cit.parse_args(["--model", str(saved), "--cache", str(cache)])
+    loaded, processor = cit.load_pretrained(str(saved), args, torch.float32)
+    base, _ = cit.tiny_base("align", args, "cpu")
+    projector = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(loaded.state_dict()[projector], base.state_dict()[projector])  # the trained copy came back
+    results = run(tmp_path / "second", cache, "--model", str(saved), "--method", "ewc", "--lora",
+                  "--tasks", "count,ocr", "--steps", "3", "--max-test", "4")
+    assert len(results["matrix"]) == 2
+
+
+def test_an_unknown_model_ends_in_one_clear_line(tmp_path):
+    done = subprocess.run([sys.executable, str(cit.HERE / "cit.py"), "--model", "no-such-org/no-such-model",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("cit.py: cannot load --model no-such-org/no-such-model")
+    assert len(done.stderr.strip().splitlines()) == 1
