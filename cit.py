@@ -250,7 +250,7 @@ def tiny_base(flavour, args, device):
     else:
         model, processor = tiny_base("align", args, device)
         model.to(device)
-        submodule(model, VISION_NAMES).requires_grad_(False)
+        model.get_submodule(find_module(model, VISION_NAMES)).requires_grad_(False)
     examples = load_split(HERE / "tiny_tasks" / "base" / flavour, "train")
     train(model, processor, examples, TINY_BASE[f"{flavour}_steps"], TINY_BASE["batch_size"], TINY_BASE["lr"],
           random.Random(args.seed), device, desc=f"base: {flavour}")
@@ -259,11 +259,11 @@ def tiny_base(flavour, args, device):
     return tiny_base(flavour, args, device)
 
 
-def submodule(model, names):
-    """The vision encoder or the projector, whatever this model family calls it (see VISION_NAMES)."""
-    for name, module in model.named_modules():
+def find_module(model, names):
+    """The full name of the vision encoder or the projector, whatever this model family calls it."""
+    for name, _ in model.named_modules():
         if name.rsplit(".", 1)[-1] in names:
-            return module
+            return name
     sys.exit(f"cit.py: the model has no module named any of {names}: is it an image-text-to-text model?")
 
 
@@ -305,7 +305,7 @@ def load_model(args, device):
     if processor.chat_template is None:  # a model without one gets LLaVA-1.5's format
         processor.chat_template = TINY_CHAT_TEMPLATE
     model.to(device)
-    submodule(model, VISION_NAMES).requires_grad_(False)
+    model.get_submodule(find_module(model, VISION_NAMES)).requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -317,16 +317,9 @@ def load_model(args, device):
 
 def lora_config(args, model):
     """LoRA on the language model; the projector trains fully (peft keeps a trainable copy of it)."""
-    projector = next(name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
-                     if name.rsplit(".", 1)[-1] in PROJECTOR_NAMES)
+    projector = find_module(model, PROJECTOR_NAMES).rsplit(".", 1)[-1]
     return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS,
                       modules_to_save=[projector])
-
-
-def save_model(model, processor, folder):
-    """The run's final model in the Hugging Face layout; with LoRA, the adapter(s) and the base they need."""
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
 
 
 # ---------------------------------------------------------------- continual-learning methods
@@ -408,7 +401,8 @@ def replay_after_task(state, model, examples):
     The buffer holds data (image path, instruction, answer), as the paper's replay does, not model outputs.
     """
     args = state["args"]
-    state.setdefault("buffer", []).extend(random.Random(args.seed + state["task"]).sample(examples, args.replay_size))
+    kept = random.Random(args.seed + state["task"]).sample(examples, min(args.replay_size, len(examples)))
+    state.setdefault("buffer", []).extend(kept)
 
 
 def replay_mix(state, examples, rng):
@@ -458,7 +452,8 @@ def routing_features(state, model, examples):
 def eproj_after_task(state, model, examples):
     """The task's key: the mean routing feature of (a sample of) its training examples."""
     sample = random.Random(state["args"].seed).sample(examples, min(64, len(examples)))
-    state.setdefault("keys", []).append(torch.nn.functional.normalize(routing_features(state, model, sample).mean(0), dim=0))
+    key = routing_features(state, model, sample).mean(0)
+    state.setdefault("keys", []).append(torch.nn.functional.normalize(key, dim=0))
 
 
 def eproj_answer(state, model, examples, true_task):
@@ -615,7 +610,8 @@ def evaluate_all(model, processor, tasks, args, device, title, answer=None):
         scores.append(metric_for(examples)(predictions, [e["answer"] for e in examples]))
         print(f"  {name:<12} {scores[-1]:.2f}")
         for example, prediction in list(zip(examples, predictions))[:args.show]:
-            print(f"      Q: {example['question'].splitlines()[0]}  A: {prediction!r}  (expected {example['answer']!r})")
+            question = example["question"].splitlines()[0]
+            print(f"      Q: {question}  A: {prediction!r}  (expected {example['answer']!r})")
     return scores
 
 
@@ -659,7 +655,9 @@ def run_method(args):
     model, processor = load_model(args, device)
     run = run_joint if args.method == "joint" else run_sequence
     matrix, model, state = run(model, processor, tasks, args, device, METHODS.get(args.method, {}))
-    save_model(model, processor, args.out / "model")
+    # The Hugging Face layout; with LoRA only the adapter(s), which name the base model they go on.
+    model.save_pretrained(args.out / "model")
+    processor.save_pretrained(args.out / "model")
     results = {"method": args.method, "tasks": names, "matrix": matrix, **summarize(matrix)}
     if "routing" in state:
         results["routing_accuracy"] = sum(state["routing"].values()) / len(state["routing"])
@@ -674,8 +672,8 @@ def run_method(args):
 def compare(all_results, out):
     """The methods side by side: a table (printed, and written as summary.md) and a picture of the matrices."""
     lines = ["| method | average | forgetting | bwt | wall time (s) |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['method']} | {r['average']:.3f} | {r['forgetting']:.3f} | {r['bwt']:+.3f} | {r['wall_time_s']:.0f} |"
-              for r in all_results]
+    lines += [f"| {r['method']} | {r['average']:.3f} | {r['forgetting']:.3f} | {r['bwt']:+.3f} "
+              f"| {r['wall_time_s']:.0f} |" for r in all_results]
     table = "\n".join(lines)
     print(f"\n{table}")
     (out / "summary.md").write_text(table + "\n")
@@ -705,7 +703,8 @@ def draw_matrices(all_results, path, cell=30):
                 draw.rectangle(box, fill=(shade, shade, 255))
                 draw.text((box[0] + 4, box[1] + 9), f"{value:.1f}", fill="white" if value > 0.5 else "black", font=font)
         for j, name in enumerate(names):
-            draw.text((x0 + left + j * cell, top + len(names) * cell + 4 + 12 * (j % 2)), name[:6], fill="black", font=font)
+            label_y = top + len(names) * cell + 4 + 12 * (j % 2)  # staggered so long names don't collide
+            draw.text((x0 + left + j * cell, label_y), name[:6], fill="black", font=font)
     picture.save(path)
 
 

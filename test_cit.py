@@ -55,7 +55,8 @@ def record(i, question, answer):
 
 # ---- data
 def test_loader_reads_llava_records_with_images_relative_to_the_task(tmp_path):
-    write_task(tmp_path / "colors", [record(0, "<image>\nWhat color?", "red"), record(1, "Which one?\n<image>", " blue ")])
+    write_task(tmp_path / "colors", [record(0, "<image>\nWhat color?", "red"),
+                                     record(1, "Which one?\n<image>", " blue ")])
     tasks = cit.load_tasks(tmp_path, ["colors"])
     first, second = tasks["colors"]["train"]
     assert first == {"image": tmp_path / "colors" / "images" / "0.png", "question": "What color?", "answer": "red"}
@@ -226,11 +227,14 @@ def test_bases_are_cached_by_recipe(tmp_path, cache):
 
 
 # ---- real-model path, exercised on folders this project saves itself
-def test_every_method_runs_with_lora(tmp_path, cache):
-    results = run(tmp_path, cache, "--method", "all", "--lora", "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
-    assert [r["method"] for r in results] == cit.ALL_METHODS
-    assert all(r["config"]["lora"] for r in results)
-    assert (tmp_path / "out" / "ewc" / "model" / "adapter_config.json").is_file()
+@pytest.mark.parametrize("method", cit.ALL_METHODS)
+def test_every_method_runs_with_lora_and_saves_its_adapter(tmp_path, cache, method):
+    results = run(tmp_path, cache, "--method", method, "--lora", "--tasks", "count,ocr", "--steps", "2",
+                  "--max-test", "4")
+    assert results["config"]["lora"] and len(results["matrix"]) == (1 if method == "joint" else 2)
+    adapter = tmp_path / "out" / "model" / ("task1" if method == "eproj" else "") / "adapter_config.json"
+    saved = json.loads(adapter.read_text())
+    assert saved["modules_to_save"] == ["multi_modal_projector"] and "language_model" in saved["target_modules"]
 
 
 def test_a_saved_lora_run_loads_back_through_the_generic_path(tmp_path, cache):
@@ -247,8 +251,8 @@ def test_a_saved_lora_run_loads_back_through_the_generic_path(tmp_path, cache):
 
 
 def test_an_unknown_model_ends_in_one_clear_line(tmp_path):
-    done = subprocess.run([sys.executable, str(cit.HERE / "cit.py"), "--model", "no-such-org/no-such-model",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = [sys.executable, str(cit.HERE / "cit.py"), "--model", "no-such-org/no-such-model", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("cit.py: cannot load --model no-such-org/no-such-model")
