@@ -311,6 +311,7 @@ def load_model(args, device):
         model.enable_input_require_grads()
     if args.lora and args.method != "eproj":  # eproj makes its own adapters, one per task
         model.requires_grad_(False)
+        torch.manual_seed(args.seed)
         model = get_peft_model(model, lora_config(args, model))
     return model, processor
 
@@ -650,9 +651,8 @@ def run_method(args):
     data_dir = Path(args.data)
     names = args.tasks.split(",") if args.tasks else default_task_names(data_dir)
     tasks = load_tasks(data_dir, names, args.max_train, args.max_test, args.image_root)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
     model, processor = load_model(args, device)
+    torch.manual_seed(args.seed)  # after loading: building a base on the first run must not shift what follows
     run = run_joint if args.method == "joint" else run_sequence
     matrix, model, state = run(model, processor, tasks, args, device, METHODS.get(args.method, {}))
     # The Hugging Face layout; with LoRA only the adapter(s), which name the base model they go on.
