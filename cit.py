@@ -166,6 +166,8 @@ def training_batch(processor, examples, device):
     full = [processor.apply_chat_template(chat(e["question"], e["answer"])) for e in examples]
     processor.tokenizer.padding_side = "right"
     batch = processor(images=images, text=full, padding=True, return_tensors="pt")
+    # Prompts go through the processor with their images too, so each <image> expands exactly as in the full
+    # text and the mask ends where the answer begins, for any model's image-token scheme.
     prompt_lengths = [len(ids) for ids in processor(images=images, text=prompts)["input_ids"]]
     labels = batch["input_ids"].clone()
     labels[batch["attention_mask"] == 0] = -100
