@@ -57,14 +57,19 @@ VISION_NAMES = ["vision_tower", "visual", "vision_model"]
 PROJECTOR_NAMES = ["multi_modal_projector", "connector", "merger"]
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     run = parser.add_argument_group("run")
     run.add_argument("--method", default="finetune", choices=ALL_METHODS + ["all"],
                      help="continual-learning method, or all of them side by side")
     run.add_argument("--out", help="output folder (default runs/<method>)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seed for sampling and initialization")
     run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
     run.add_argument("--show", type=int, default=1, help="sample answers printed per task after each task")
     data = parser.add_argument_group("data")
@@ -89,11 +94,11 @@ def parse_args(argv=None):
     model.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--steps", type=int, default=200, help="training steps per task")
-    optim.add_argument("--batch-size", type=int, default=16)
+    optim.add_argument("--batch-size", type=int, default=16, help="examples per (micro-)batch")
     optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--lr", type=float, default=1e-3)
-    optim.add_argument("--eval-batch-size", type=int, default=100)
-    optim.add_argument("--max-new-tokens", type=int, default=40)
+    optim.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (about 2e-4 for real models)")
+    optim.add_argument("--eval-batch-size", type=int, default=100, help="questions answered at once")
+    optim.add_argument("--max-new-tokens", type=int, default=40, help="longest answer generated")
     cl = parser.add_argument_group("continual-learning methods")
     cl.add_argument("--ewc-lambda", type=float, default=1e6, help="EWC: weight of the quadratic penalty")
     cl.add_argument("--ewc-samples", type=int, default=128, help="EWC: training examples used for the Fisher")
