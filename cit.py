@@ -257,7 +257,7 @@ def tiny_base(flavour, args, device):
     else:
         model, processor = tiny_base("align", args, device)
         model.to(device)
-        model.get_submodule(find_module(model, VISION_NAMES)).requires_grad_(False)
+        freeze_vision_encoder(model)
     examples = load_split(HERE / "tiny_tasks" / "base" / flavour, "train")
     train(model, processor, examples, TINY_BASE[f"{flavour}_steps"], TINY_BASE["batch_size"], TINY_BASE["lr"],
           random.Random(args.seed), device, desc=f"base: {flavour}")
@@ -272,6 +272,11 @@ def find_module(model, names):
         if name.rsplit(".", 1)[-1] in names:
             return name
     sys.exit(f"cit.py: the model has no module named any of {names}: is it an image-text-to-text model?")
+
+
+def freeze_vision_encoder(model):
+    """As in LLaVA's stage 2, the vision encoder is never tuned after pre-training."""
+    model.get_submodule(find_module(model, VISION_NAMES)).requires_grad_(False)
 
 
 def pick_dtype(args, device):
@@ -312,7 +317,7 @@ def load_model(args, device):
     if processor.chat_template is None:  # a model without one gets LLaVA-1.5's format
         processor.chat_template = TINY_CHAT_TEMPLATE
     model.to(device)
-    model.get_submodule(find_module(model, VISION_NAMES)).requires_grad_(False)
+    freeze_vision_encoder(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
