@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPImageProcessorPil, CLIPVisionConfig,
                           LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           PreTrainedTokenizerFast, get_cosine_schedule_with_warmup)
+from transformers.utils.logging import disable_progress_bar
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,14 +59,42 @@ VISION_NAMES = ["vision_tower", "visual", "vision_model"]
 PROJECTOR_NAMES = ["multi_modal_projector", "connector", "merger"]
 
 
+class InputError(Exception):
+    """A problem the user can fix (a flag, a data file, a model name): reported in one line, no traceback."""
+
+
+def positive(kind):
+    """An argparse type for counts and rates that must be above zero."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its 'invalid int value' message
+    return parse
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each flag's default, except where there is none to show."""
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag gets one line naming it, like every other input error, instead of the full usage."""
+    def error(self, message):
+        self.exit(2, f"cit.py: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
+    parser = OneLineErrors(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     run = parser.add_argument_group("run")
     run.add_argument("--method", default="finetune", choices=ALL_METHODS + ["all"],
                      help="continual-learning method, or all of them side by side")
@@ -72,12 +102,17 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=int, default=0, help="seed for sampling and initialization")
     run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
     run.add_argument("--show", type=int, default=1, help="sample answers printed per task after each task")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last finished task (or start it, if there is none)")
+    again.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    run.add_argument("--debug", action="store_true", help="show a traceback for input errors too")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=str(HERE / "tiny_tasks"), help="folder of task folders (LLaVA format)")
     data.add_argument("--tasks", help="comma-separated task names, in training order "
                                       f"(default for the tiny tasks: {','.join(TASK_ORDER)})")
-    data.add_argument("--max-train", type=int, help="use at most this many training examples per task")
-    data.add_argument("--max-test", type=int, help="use at most this many test examples per task")
+    data.add_argument("--max-train", type=positive(int), help="use at most this many training examples per task")
+    data.add_argument("--max-test", type=positive(int), help="use at most this many test examples per task")
     data.add_argument("--image-root", help="resolve image paths against this folder instead of each task folder")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="'tiny', or a Hugging Face hub id or local folder")
@@ -87,27 +122,34 @@ def parse_args(argv=None):
     model.add_argument("--lora", action=argparse.BooleanOptionalAction,
                        help="train LoRA adapters on the language model plus the projector "
                             "(default: on for real models, off for tiny)")
-    model.add_argument("--lora-rank", type=int, default=8, help="rank of LoRA adapters (--lora and eproj)")
+    model.add_argument("--lora-rank", type=positive(int), default=8, help="rank of LoRA adapters (--lora and eproj)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' type; auto: bfloat16 on a GPU that has it, else float32")
     model.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     model.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--steps", type=int, default=200, help="training steps per task")
-    optim.add_argument("--batch-size", type=int, default=16, help="examples per (micro-)batch")
-    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (about 2e-4 for real models)")
-    optim.add_argument("--eval-batch-size", type=int, default=100, help="questions answered at once")
-    optim.add_argument("--max-new-tokens", type=int, default=40, help="longest answer generated")
+    optim.add_argument("--steps", type=positive(int), default=200, help="training steps per task")
+    optim.add_argument("--batch-size", type=positive(int), default=16, help="examples per (micro-)batch")
+    optim.add_argument("--grad-accum", type=positive(int), default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--lr", type=positive(float), default=1e-3,
+                       help="peak AdamW learning rate (about 2e-4 for real models)")
+    optim.add_argument("--eval-batch-size", type=positive(int), default=100, help="questions answered at once")
+    optim.add_argument("--max-new-tokens", type=positive(int), default=40, help="longest answer generated")
     cl = parser.add_argument_group("continual-learning methods")
     cl.add_argument("--ewc-lambda", type=float, default=1e6, help="EWC: weight of the quadratic penalty")
-    cl.add_argument("--ewc-samples", type=int, default=128, help="EWC: training examples used for the Fisher")
+    cl.add_argument("--ewc-samples", type=positive(int), default=128, help="EWC: training examples used for the Fisher")
     cl.add_argument("--lwf-alpha", type=float, default=1.0, help="LwF: weight of the distillation term")
-    cl.add_argument("--lwf-temperature", type=float, default=2.0, help="LwF: softmax temperature")
-    cl.add_argument("--replay-size", type=int, default=20, help="replay: examples kept per finished task")
-    cl.add_argument("--replay-ratio", type=float, default=0.25, help="replay: share of each batch from the buffer")
+    cl.add_argument("--lwf-temperature", type=positive(float), default=2.0, help="LwF: softmax temperature")
+    cl.add_argument("--replay-size", type=positive(int), default=20, help="replay: examples kept per finished task")
+    cl.add_argument("--replay-ratio", type=fraction, default=0.25, help="replay: share of each batch from the buffer")
     cl.add_argument("--oracle-task", action="store_true", help="eproj: give the true task instead of routing")
     args = parser.parse_args(argv)
+    if args.tasks:
+        names = args.tasks.split(",")
+        if "" in names or len(set(names)) < len(names):
+            parser.error(f"argument --tasks: each task once, no empty names: got {args.tasks}")
+    if args.ewc_lambda < 0 or args.lwf_alpha < 0:
+        parser.error("arguments --ewc-lambda and --lwf-alpha: must be 0 or above")
     args.out = Path(args.out or f"runs/{args.method}")
     if args.lora is None:
         args.lora = args.model != "tiny"
@@ -116,7 +158,14 @@ def parse_args(argv=None):
 
 def pick_device(requested=None):
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise InputError(f"--device {requested}: not a device name torch knows (cuda, cuda:1, mps, cpu)") from None
+        if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not (
+                torch.backends.mps.is_available()):
+            raise InputError(f"--device {requested}: not available on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -125,29 +174,63 @@ def pick_device(requested=None):
 
 
 # ---------------------------------------------------------------- data
-def load_split(task_dir, split, image_root=None):
+def load_split(data_dir, name, split, image_root=None):
     """Read one split of a task folder in LLaVA's format into (image path, question, answer) records.
 
     Only the first human/gpt exchange of each conversation is used: the benchmark tasks are single-turn.
     """
-    records = json.loads((task_dir / f"{split}.json").read_text())
-    examples = []
-    for record in records:
-        turns = record["conversations"]
-        question = next(t["value"] for t in turns if t["from"] == "human")
-        answer = next(t["value"] for t in turns if t["from"] == "gpt")
-        image = Path(image_root or task_dir) / record["image"]
-        examples.append({"image": image, "question": question.replace("<image>", "").strip(),
-                         "answer": answer.strip()})
-    return examples
+    path = data_dir / name / f"{split}.json"
+    if not path.is_file():
+        raise InputError(f"{path}: missing (a task folder holds train.json and test.json)")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}:{error.lineno}:{error.colno}: not valid JSON: {error.msg}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    if not isinstance(records, list) or not records:
+        raise InputError(f"{path}: expected a non-empty list of LLaVA records")
+    # Images resolve against the task folder (or --image-root) and must stay inside --data (or --image-root).
+    image_dir, allowed = (Path(image_root), Path(image_root)) if image_root else (data_dir / name, data_dir)
+    return [example_from(record, f"{path}: record {index}", image_dir, allowed) for index, record in enumerate(records)]
+
+
+def example_from(record, where, image_dir, allowed):
+    """One record as {image, question, answer}, or an InputError saying which record and what is wrong."""
+    if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+        raise InputError(f"{where} has no 'image'")
+    where += f" (id {record['id']})" if "id" in record else ""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        raise InputError(f"{where} has no 'conversations' list")
+    question = next((t.get("value") for t in turns if t.get("from") == "human"), None)
+    answer = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
+    if not isinstance(question, str) or not isinstance(answer, str):
+        raise InputError(f"{where} needs a 'human' and a 'gpt' turn with a 'value'")
+    if not answer.strip():
+        raise InputError(f"{where} has an empty 'gpt' answer")
+    # A lexical check (no symlinks followed): a data file may not point at any file on the machine
+    # ('../../.ssh/id_rsa', '/etc/passwd'), while folders the user links in stay usable.
+    image = os.path.abspath(image_dir / record["image"])
+    if not Path(image).is_relative_to(os.path.abspath(allowed)):
+        raise InputError(f"{where}: image {record['image']!r} is outside {allowed}: refused")
+    if not os.path.isfile(image):
+        raise InputError(f"{where}: image {image} not found")
+    return {"image": image, "question": question.replace("<image>", "").strip(), "answer": answer.strip()}
 
 
 def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None):
-    return {name: {"train": load_split(data_dir / name, "train", image_root)[:max_train],
-                   "test": load_split(data_dir / name, "test", image_root)[:max_test]} for name in names}
+    for name in names:
+        if not (data_dir / name).is_dir():
+            raise InputError(f"--tasks: no task folder {name!r} in {data_dir} "
+                             f"(there: {', '.join(default_task_names(data_dir)) or 'none'})")
+    return {name: {"train": load_split(data_dir, name, "train", image_root)[:max_train],
+                   "test": load_split(data_dir, name, "test", image_root)[:max_test]} for name in names}
 
 
 def default_task_names(data_dir):
+    if not data_dir.is_dir():
+        raise InputError(f"--data {data_dir}: no such folder")
     names = sorted(p.name for p in data_dir.iterdir() if (p / "train.json").is_file())
     return [n for n in TASK_ORDER if n in names] + [n for n in names if n not in TASK_ORDER]
 
@@ -161,7 +244,16 @@ def chat(question, answer=None):
 
 
 def open_images(examples):
-    return [Image.open(e["image"]).convert("RGB") for e in examples]
+    return [open_image(e["image"]) for e in examples]
+
+
+def open_image(path):
+    """An RGB picture; Pillow's decompression-bomb limit stays on, so an absurdly large image is refused."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{path}: not a readable image ({error})") from None
 
 
 def training_batch(processor, examples, device):
@@ -258,11 +350,15 @@ def tiny_base(flavour, args, device):
         model, processor = tiny_base("align", args, device)
         model.to(device)
         freeze_vision_encoder(model)
-    examples = load_split(HERE / "tiny_tasks" / "base" / flavour, "train")
+    examples = load_split(HERE / "tiny_tasks" / "base", flavour, "train")
     train(model, processor, examples, TINY_BASE[f"{flavour}_steps"], TINY_BASE["batch_size"], TINY_BASE["lr"],
           random.Random(args.seed), device, desc=f"base: {flavour}")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    # Saved beside, then renamed: a run killed while saving leaves no half-written base to load next time.
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
     return tiny_base(flavour, args, device)
 
 
@@ -271,7 +367,7 @@ def find_module(model, names):
     for name, _ in model.named_modules():
         if name.rsplit(".", 1)[-1] in names:
             return name
-    sys.exit(f"cit.py: the model has no module named any of {names}: is it an image-text-to-text model?")
+    raise InputError(f"the model has no module named any of {names}: is it an image-text-to-text model?")
 
 
 def freeze_vision_encoder(model):
@@ -290,8 +386,11 @@ def load_pretrained(name, args, dtype):
 
     A folder that a run saved with LoRA holds an adapter: it is loaded onto the base it names and merged.
     """
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).is_file() for f in ["config.json", "adapter_config.json"]):
+        raise InputError(f"--model {name}: the folder has no config.json, so it is not a Hugging Face model folder")
     try:
-        if (Path(name) / "adapter_config.json").is_file():
+        if (folder / "adapter_config.json").is_file():
             base = PeftConfig.from_pretrained(name).base_model_name_or_path
             model, _ = load_pretrained(base, args, dtype)
             return PeftModel.from_pretrained(model, name).merge_and_unload(), AutoProcessor.from_pretrained(name)
@@ -300,16 +399,24 @@ def load_pretrained(name, args, dtype):
                 AutoProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code))
     except OSError as error:
         first_line = str(error).strip().splitlines()[0]
-        sys.exit(f"cit.py: cannot load --model {name}: tried a local folder and the Hugging Face hub "
-                 f"({first_line}). Check the name, or download it while online and pass its folder.")
+        raise InputError(f"cannot load --model {name}: tried a local folder and the Hugging Face hub "
+                         f"({first_line}). Check the name, or download it while online and pass its folder.") from None
     except ValueError as error:
-        sys.exit(f"cit.py: --model {name} is not an image-text-to-text model that transformers can load: {error}")
+        first_line = str(error).strip().splitlines()[0]
+        raise InputError(f"--model {name} is not an image-text-to-text model that transformers can load: "
+                         f"{first_line}") from None
 
 
-def load_model(args, device):
-    """The base model, ready to tune: vision encoder frozen; with --lora, LoRA on the language model."""
+def load_model(args, device, checkpoint=None):
+    """The base model, ready to tune: vision encoder frozen; with --lora, LoRA on the language model.
+
+    Resuming from a checkpoint, the model is the one saved there: full weights, or the adapters put back on the base.
+    """
     dtype = pick_dtype(args, device)
-    if args.model == "tiny":
+    saved = checkpoint / "model" if checkpoint else None
+    if saved and (saved / "config.json").is_file():
+        model, processor = load_pretrained(str(saved), args, dtype)
+    elif args.model == "tiny":
         model, processor = tiny_base(args.base, args, device)
         model.to(dtype)
     else:
@@ -321,7 +428,15 @@ def load_model(args, device):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    if args.lora and args.method != "eproj":  # eproj makes its own adapters, one per task
+    adapters = sorted(saved.glob("**/adapter_config.json")) if saved else []
+    if adapters:
+        model.requires_grad_(False)
+        # peft saves the adapter "default" at the top and any other (eproj's task0, task1, ...) in its own folder.
+        names = ["default" if a.parent == saved else a.parent.name for a in adapters]
+        model = PeftModel.from_pretrained(model, adapters[0].parent, adapter_name=names[0], is_trainable=True)
+        for adapter, name in zip(adapters[1:], names[1:]):
+            model.load_adapter(adapter.parent, adapter_name=name, is_trainable=True)
+    elif args.lora and args.method != "eproj":  # eproj makes its own adapters, one per task
         model.requires_grad_(False)
         torch.manual_seed(args.seed)
         model = get_peft_model(model, lora_config(args, model))
@@ -414,7 +529,7 @@ def replay_after_task(state, model, examples):
     The buffer holds data (image path, instruction, answer), as the paper's replay does, not model outputs.
     """
     args = state["args"]
-    kept = random.Random(args.seed + state["task"]).sample(examples, min(args.replay_size, len(examples)))
+    kept = random.Random(args.seed + state["task"]).sample(examples, args.replay_size)
     state.setdefault("buffer", []).extend(kept)
 
 
@@ -529,18 +644,24 @@ def train(model, processor, examples, steps, batch_size, lr, rng, device, desc, 
     model.eval()
 
 
-def run_sequence(model, processor, tasks, args, device, method):
-    """Train the tasks one after another; after each, score every task: row i of the accuracy matrix R."""
+def run_sequence(model, processor, tasks, args, device, method, checkpoint=None):
+    """Train the tasks one after another; after each, score every task: row i of the accuracy matrix R.
+
+    From a checkpoint, the tasks it finished are skipped: their rows, the method's state and the random
+    generators come back as they were, so the run goes on as if it had never stopped.
+    """
     state = {"args": args, "processor": processor, "device": device, "task": 0}
-    if "prepare" in method:
+    rng = random.Random(args.seed)
+    matrix = []
+    if checkpoint:
+        matrix = restore_checkpoint(checkpoint, state, rng)
+    elif "prepare" in method:
         model = method["prepare"](state, model)
     answer = None
     if "answer" in method:
         answer = lambda examples, j: method["answer"](state, model, examples, j)  # noqa: E731
-    rng = random.Random(args.seed)
     names = list(tasks)
-    matrix = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(names[len(matrix):], start=len(matrix)):
         state["task"] = i
         examples = tasks[name]["train"]
         if "before_task" in method:
@@ -550,8 +671,57 @@ def run_sequence(model, processor, tasks, args, device, method):
         if "after_task" in method:
             method["after_task"](state, model, examples)
         matrix.append(evaluate_all(model, processor, tasks, args, device, f"after {name}", answer))
-        write_json(args.out / "progress.json", {"tasks": names, "matrix": matrix})
+        save_checkpoint(args, model, processor, state, rng, names, matrix)
     return matrix, model, state
+
+
+# What the loop itself puts in a method's state; everything else is the method's memory, kept in checkpoints.
+LOOP_STATE = ["args", "processor", "device", "task"]
+
+
+def save_checkpoint(args, model, processor, state, rng, names, matrix):
+    """After each task, what the run needs to go on: weights (safetensors), the method's memory and the
+    random generators (torch.save of tensors and plain values, read back with weights_only=True), the rows.
+
+    progress.json is renamed into place last and names the checkpoint: it only ever points at a complete one.
+    """
+    folder = args.out / f"checkpoint-{len(matrix)}"
+    shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while saving
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    memory = {key: value for key, value in state.items() if key not in LOOP_STATE}
+    torch.save({"memory": memory, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, folder / "state.pt")
+    write_json(args.out / "progress.json", {"tasks": names, "matrix": matrix, "checkpoint": folder.name,
+                                            "config": vars(args)})
+    for old in args.out.glob("checkpoint-*"):
+        if old != folder:
+            shutil.rmtree(old)
+
+
+def restore_checkpoint(checkpoint, state, rng):
+    """The method's memory and the random generators as save_checkpoint left them; the rows so far."""
+    saved = torch.load(checkpoint / "state.pt", map_location=state["device"], weights_only=True)
+    state.update(saved["memory"])
+    rng.setstate(saved["rng"])
+    torch.set_rng_state(saved["torch_rng"].cpu())
+    return json.loads((checkpoint.parent / "progress.json").read_text())["matrix"]
+
+
+def find_checkpoint(args, names):
+    """The checkpoint that --resume continues from, after checking that it is a run of the same kind."""
+    progress = args.out / "progress.json"
+    saved = json.loads(progress.read_text()) if progress.is_file() else {}
+    if not (args.out / saved.get("checkpoint", "none") / "state.pt").is_file():
+        print(f"--resume: no finished task in {args.out}: starting from the first one")
+        return None
+    before, now = {**saved["config"], "tasks": saved["tasks"]}, {**vars(args), "tasks": names}
+    different = [key for key in ["method", "tasks", "model", "base", "lora", "lora_rank", "seed"]
+                 if before.get(key) != now[key]]
+    if different:
+        raise InputError(f"--resume: {args.out} holds a run with other {', '.join(different)}: "
+                         "give the same flags, or another --out")
+    print(f"--resume: continuing {args.out} after task {len(saved['matrix'])} of {len(names)}")
+    return args.out / saved["checkpoint"]
 
 
 def run_joint(model, processor, tasks, args, device, method):
@@ -656,17 +826,25 @@ def write_json(path, data):
 
 
 # ---------------------------------------------------------------- main
-def run_method(args):
+def run_method(args, tasks):
     """One continual run of args.method: the accuracy matrix, its metrics, written to <out>/results.json."""
     started = time.time()
+    if args.resume and (args.out / "results.json").is_file():
+        print(f"--resume: {args.method} had finished: {args.out / 'results.json'}")
+        return json.loads((args.out / "results.json").read_text())
+    if args.overwrite:
+        for old in args.out.glob("checkpoint-*"):
+            shutil.rmtree(old)
+    names = list(tasks)
+    checkpoint = find_checkpoint(args, names) if args.resume and args.method != "joint" else None
     device = pick_device(args.device)
-    data_dir = Path(args.data)
-    names = args.tasks.split(",") if args.tasks else default_task_names(data_dir)
-    tasks = load_tasks(data_dir, names, args.max_train, args.max_test, args.image_root)
-    model, processor = load_model(args, device)
+    model, processor = load_model(args, device, checkpoint)
     torch.manual_seed(args.seed)  # after loading: building a base on the first run must not shift what follows
-    run = run_joint if args.method == "joint" else run_sequence
-    matrix, model, state = run(model, processor, tasks, args, device, METHODS.get(args.method, {}))
+    method = METHODS.get(args.method, {})
+    if args.method == "joint":
+        matrix, model, state = run_joint(model, processor, tasks, args, device, method)
+    else:
+        matrix, model, state = run_sequence(model, processor, tasks, args, device, method, checkpoint)
     # The Hugging Face layout; with LoRA only the adapter(s), which name the base model they go on.
     model.save_pretrained(args.out / "model")
     processor.save_pretrained(args.out / "model")
@@ -675,6 +853,8 @@ def run_method(args):
         results["routing_accuracy"] = sum(state["routing"].values()) / len(state["routing"])
     results.update(wall_time_s=round(time.time() - started, 1), config=vars(args))
     write_json(args.out / "results.json", results)
+    for finished in args.out.glob("checkpoint-*"):  # <out>/model now holds the same weights
+        shutil.rmtree(finished)
     print(f"\naccuracy matrix R (row: after training task i; column: score on task j)\n{format_matrix(matrix, names)}")
     print(f"\n{args.method}: average {results['average']:.3f}  forgetting {results['forgetting']:.3f}  "
           f"bwt {results['bwt']:+.3f}  ({results['wall_time_s']:.0f} s)  -> {args.out / 'results.json'}")
@@ -720,16 +900,48 @@ def draw_matrices(all_results, path, cell=30):
     picture.save(path)
 
 
+def check_inputs(args):
+    """Everything a user can get wrong, checked before any training: the data, the flags that depend on
+    it, and earlier results in --out that a run would replace. Returns the tasks, loaded."""
+    data_dir = Path(args.data)
+    names = args.tasks.split(",") if args.tasks else default_task_names(data_dir)
+    if not names:
+        raise InputError(f"--data {data_dir}: no task folders in it (folders holding train.json and test.json)")
+    tasks = load_tasks(data_dir, names, args.max_train, args.max_test, args.image_root)
+    smallest = min(names, key=lambda name: len(tasks[name]["train"]))
+    if args.method in ["replay", "all"] and args.replay_size > len(tasks[smallest]["train"]):
+        raise InputError(f"--replay-size {args.replay_size} is more than the {len(tasks[smallest]['train'])} "
+                         f"training examples of task {smallest!r}")
+    outs = [args.out / method for method in ALL_METHODS] if args.method == "all" else [args.out]
+    for out in outs:
+        if not (args.resume or args.overwrite) and any((out / f).exists() for f in ["results.json", "progress.json"]):
+            raise InputError(f"--out {out} holds an earlier run: add --resume to continue it, --overwrite to "
+                             "replace it, or choose another --out")
+    return tasks
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.method != "all":
-        return run_method(args)
-    all_results = []
-    for method in ALL_METHODS:
-        print(f"\n======== {method} ========")
-        all_results.append(run_method(argparse.Namespace(**{**vars(args), "method": method, "out": args.out / method})))
-    compare(all_results, args.out)
-    return all_results
+    disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
+    try:
+        tasks = check_inputs(args)
+        if args.method != "all":
+            return run_method(args, tasks)
+        all_results = []
+        for method in ALL_METHODS:
+            print(f"\n======== {method} ========")
+            method_args = argparse.Namespace(**{**vars(args), "method": method, "out": args.out / method})
+            all_results.append(run_method(method_args, tasks))
+        compare(all_results, args.out)
+        return all_results
+    except InputError as error:
+        if args.debug:
+            raise
+        sys.exit(f"cit.py: {error}")
+    except KeyboardInterrupt:
+        print(f"\ncit.py: interrupted; the tasks finished so far are kept in {args.out}: add --resume to go on",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

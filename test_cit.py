@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the network: the tin
 import pytest
 import torch
 from PIL import Image
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import cit
 
@@ -59,7 +60,7 @@ def test_loader_reads_llava_records_with_images_relative_to_the_task(tmp_path):
                                      record(1, "Which one?\n<image>", " blue ")])
     tasks = cit.load_tasks(tmp_path, ["colors"])
     first, second = tasks["colors"]["train"]
-    assert first == {"image": tmp_path / "colors" / "images" / "0.png", "question": "What color?", "answer": "red"}
+    assert first == {"image": str(tmp_path / "colors" / "images" / "0.png"), "question": "What color?", "answer": "red"}
     assert second["question"] == "Which one?" and second["answer"] == "blue"
     assert cit.default_task_names(tmp_path) == ["colors"]
 
@@ -70,7 +71,7 @@ def test_default_task_order_lists_the_tiny_tasks_and_skips_the_base_mixes():
 
 def test_labels_are_the_answer_tokens_only(tiny):
     _, processor = tiny
-    examples = cit.load_split(cit.HERE / "tiny_tasks" / "count", "train")[:3]
+    examples = cit.load_split(cit.HERE / "tiny_tasks", "count", "train")[:3]
     batch = cit.training_batch(processor, examples, "cpu")
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert (batch["labels"][batch["input_ids"] == image_token] == -100).all()
@@ -93,6 +94,87 @@ def test_images_of_any_size_and_mode_become_model_sized_rgb(tiny):
     pixels = processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
     size = cit.TINY_VISION["image_size"]
     assert pixels.shape == (2, 3, size, size)
+
+
+# ---- input errors: one line naming the file or flag, a non-zero exit, no traceback
+def input_error(capsys, *argv):
+    """Run cit.main and return its error line, checking it is one line that ends the run."""
+    with pytest.raises(SystemExit) as stopped:
+        cit.main(["--show", "0", *argv])
+    code = stopped.value.code
+    message = code if isinstance(code, str) else capsys.readouterr().err  # argparse prints, sys.exit(str) carries
+    assert code != 0 and code is not None
+    lines = message.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cit.py: ")
+    return lines[0]
+
+
+def good_records():
+    return [record(0, "<image>\nWhat color?", "red"), record(1, "<image>\nWhat color?", "blue")]
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda task: (task / "test.json").unlink(), "test.json: missing"),
+    (lambda task: (task / "train.json").write_text('[\n {"id": 1,\n  oops}]'), "train.json:3:3: not valid JSON"),
+    (lambda task: (task / "train.json").write_text("[]"), "train.json: expected a non-empty list"),
+    (lambda task: (task / "train.json").write_text('[{"conversations": []}]'), "record 0 has no 'image'"),
+    (lambda task: (task / "train.json").write_text('[{"id": "a", "image": "images/0.png"}]'),
+     "record 0 (id a) has no 'conversations' list"),
+    (lambda task: (task / "train.json").write_text(json.dumps([dict(record(0, "Q?", "red"), conversations=[
+        {"from": "human", "value": "Q?"}])])), "needs a 'human' and a 'gpt' turn"),
+    (lambda task: (task / "train.json").write_text(json.dumps([record(0, "Q?", "  ")])), "empty 'gpt' answer"),
+    (lambda task: (task / "images" / "1.png").unlink(), "1.png not found"),
+    (lambda task: (task / "test.json").write_text(json.dumps([dict(record(0, "Q?", "red"), image="../../secret.png")])),
+     "'../../secret.png' is outside"),
+    (lambda task: (task / "test.json").write_text(json.dumps([dict(record(0, "Q?", "red"), image="/etc/hostname")])),
+     "'/etc/hostname' is outside"),
+])
+def test_bad_data_ends_in_one_line_naming_the_file_and_the_problem(tmp_path, capsys, damage, expected):
+    write_task(tmp_path / "data" / "colors", good_records())
+    (tmp_path / "secret.png").write_bytes(b"not yours")
+    damage(tmp_path / "data" / "colors")
+    line = input_error(capsys, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"))
+    assert expected in line and str(tmp_path / "data" / "colors") in line
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--data", "no/such/folder"], "--data no/such/folder: no such folder"),
+    (["--tasks", "count,nope"], "no task folder 'nope'"),
+    (["--tasks", "count,ocr,count"], "--tasks: each task once"),
+    (["--method", "magic"], "--method: invalid choice"),
+    (["--steps", "0"], "--steps: must be above 0"),
+    (["--batch-size", "-4"], "--batch-size: must be above 0"),
+    (["--lr", "0"], "--lr: must be above 0"),
+    (["--method", "replay", "--max-train", "10", "--replay-size", "11"], "--replay-size 11 is more than the 10"),
+    (["--model", str(cit.HERE / "tiny_tasks")], "the folder has no config.json"),
+])
+def test_bad_flags_end_in_one_line_naming_the_flag(tmp_path, capsys, flags, expected):
+    assert expected in input_error(capsys, "--out", str(tmp_path), "--tasks", "count", *flags)
+
+
+def test_a_model_without_image_support_is_refused_in_one_line(tmp_path, capsys, tiny):
+    language_model = LlamaForCausalLM(LlamaConfig(**cit.TINY_TEXT, vocab_size=64))
+    language_model.save_pretrained(tmp_path / "llama")
+    tiny[1].save_pretrained(tmp_path / "llama")
+    line = input_error(capsys, "--model", str(tmp_path / "llama"), "--tasks", "count", "--out", str(tmp_path / "out"))
+    assert "is not an image-text-to-text model" in line
+
+
+def test_unreadable_corrupt_or_huge_images_are_refused_by_name(tmp_path, monkeypatch):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(cit.InputError, match="corrupt.png: not a readable image"):
+        cit.open_image(str(tmp_path / "corrupt.png"))
+    Image.new("RGB", (50, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses images over twice this many pixels
+    with pytest.raises(cit.InputError, match="big.png: not a readable image.*decompression bomb"):
+        cit.open_image(str(tmp_path / "big.png"))
+
+
+def test_an_earlier_run_is_not_overwritten_without_asking(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text("{}")
+    assert "--overwrite" in input_error(capsys, "--out", str(tmp_path / "out"), "--tasks", "count")
+    assert (tmp_path / "out" / "results.json").read_text() == "{}"
 
 
 # ---- metrics
@@ -132,7 +214,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(tiny):
     model, processor = tiny
     args = cit.parse_args(["--batch-size", "4", "--ewc-samples", "8"])
     state = {"args": args, "processor": processor, "device": "cpu", "task": 0}
-    cit.ewc_after_task(state, model, cit.load_split(cit.HERE / "tiny_tasks" / "count", "train"))
+    cit.ewc_after_task(state, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
     assert cit.ewc_penalty(state, model, None, None) == 0
     assert all((f >= 0).all() for f in state["fisher"].values()) and any(f.sum() > 0 for f in state["fisher"].values())
     weight = model.lm_head.weight
@@ -149,7 +231,7 @@ def test_lwf_term_is_zero_while_the_model_equals_its_frozen_copy(tiny):
     model, processor = tiny
     state = {"args": cit.parse_args([]), "task": 1}
     cit.lwf_before_task(state, model, [])
-    batch = cit.training_batch(processor, cit.load_split(cit.HERE / "tiny_tasks" / "ocr", "train")[:4], "cpu")
+    batch = cit.training_batch(processor, cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train")[:4], "cpu")
     assert cit.lwf_distillation(state, model, batch, model(**batch)).item() == pytest.approx(0, abs=1e-6)
     original = model.lm_head.weight.detach().clone()
     with torch.no_grad():
@@ -224,6 +306,42 @@ def test_bases_are_cached_by_recipe(tmp_path, cache):
     args.seed = 1  # a different recipe must not reuse the cached base
     key_before = cit.base_folder("align", cit.parse_args(["--cache", str(cache)])).name
     assert cit.base_folder("align", args).name != key_before
+
+
+# ---- nothing lost: checkpoints after each task, --resume
+def saved_weights(folder):
+    """Every tensor a run saved in <out>/model, by file and name."""
+    from peft.utils import load_peft_weights
+    if (folder / "config.json").is_file():
+        return cit.LlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+    return {f"{a.parent.name}/{name}": tensor for a in folder.glob("**/adapter_config.json")
+            for name, tensor in load_peft_weights(str(a.parent)).items()}
+
+
+@pytest.mark.parametrize("flags", [["--method", "ewc"], ["--method", "replay", "--lora"], ["--method", "eproj"]])
+def test_a_run_interrupted_after_its_first_task_resumes_to_the_same_end(tmp_path, cache, monkeypatch, flags):
+    flags += ["--tasks", "count,ocr", "--steps", "4", "--max-test", "6", "--max-train", "30", "--replay-size", "8"]
+    whole = run(tmp_path / "whole", cache, *flags)
+    train, calls = cit.train, []
+
+    def interrupted_on_the_second_task(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+    monkeypatch.setattr(cit, "train", interrupted_on_the_second_task)
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path / "cut", cache, *flags)
+    assert stopped.value.code == 130
+    out = tmp_path / "cut" / "out"
+    assert len(json.loads((out / "progress.json").read_text())["matrix"]) == 1
+    assert (out / "checkpoint-1" / "state.pt").is_file() and not (out / "results.json").exists()
+    monkeypatch.setattr(cit, "train", train)
+    resumed = run(tmp_path / "cut", cache, *flags, "--resume")
+    assert resumed["matrix"] == whole["matrix"] and resumed.get("routing_accuracy") == whole.get("routing_accuracy")
+    expected, got = saved_weights(tmp_path / "whole" / "out" / "model"), saved_weights(out / "model")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not list(out.glob("checkpoint-*"))  # the final model replaces the last checkpoint
 
 
 # ---- real-model path, exercised on folders this project saves itself
