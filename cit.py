@@ -102,6 +102,9 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=int, default=0, help="seed for sampling and initialization")
     run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
     run.add_argument("--show", type=int, default=1, help="sample answers printed per task after each task")
+    run.add_argument("--analyze", choices=["pairs"],
+                     help="instead of a run: train every pair of tasks (A, then B) and relate the forgetting to "
+                          "the tasks' similarity; writes <out>/pairs.json and pairs.png")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last finished task (or start it, if there is none)")
@@ -143,6 +146,11 @@ def parse_args(argv=None):
     cl.add_argument("--replay-size", type=positive(int), default=20, help="replay: examples kept per finished task")
     cl.add_argument("--replay-ratio", type=fraction, default=0.25, help="replay: share of each batch from the buffer")
     cl.add_argument("--oracle-task", action="store_true", help="eproj: give the true task instead of routing")
+    cl.add_argument("--similarity-init", action="store_true",
+                    help="eproj: start a new task's adapter and projector from the most similar earlier task's")
+    cl.add_argument("--similarity-weighted", action="store_true",
+                    help="ewc: weigh each earlier task's penalty by the forgetting that its similarity to the new "
+                         "task predicts")
     args = parser.parse_args(argv)
     if args.tasks:
         names = args.tasks.split(",")
@@ -150,7 +158,7 @@ def parse_args(argv=None):
             parser.error(f"argument --tasks: each task once, no empty names: got {args.tasks}")
     if args.ewc_lambda < 0 or args.lwf_alpha < 0:
         parser.error("arguments --ewc-lambda and --lwf-alpha: must be 0 or above")
-    args.out = Path(args.out or f"runs/{args.method}")
+    args.out = Path(args.out or f"runs/{args.analyze or args.method}")
     if args.lora is None:
         args.lora = args.model != "tiny"
     return args
@@ -464,6 +472,52 @@ def trainable(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def snapshot(model):
+    """A copy of the trainable weights: what EWC anchors to, LwF distils from, the pair analysis goes back to."""
+    return {name: p.detach().clone() for name, p in trainable(model).items()}
+
+
+@torch.no_grad()
+def load_snapshot(model, weights):
+    for name, p in trainable(model).items():
+        p.copy_(weights[name])
+
+
+@torch.no_grad()
+def prototype_features(model, processor, examples, device):
+    """What each example looks like to the model, before any answer: its mean image feature (vision tower and
+    projector) and its instruction's mean token embedding, each of unit length.
+
+    Task similarity (the pair analysis, EWC's weighting) and eproj's routing are both built on these.
+    """
+    pixels = processor.image_processor(open_images(examples), return_tensors="pt").to(device)
+    features = model.get_image_features(**pixels).pooler_output
+    image = torch.stack([f.reshape(-1, f.shape[-1]).float().mean(0) for f in features])
+    tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
+    mask = tokens["attention_mask"].unsqueeze(-1)
+    text = ((model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)).float()
+    normalize = torch.nn.functional.normalize
+    return normalize(image, dim=-1), normalize(text, dim=-1)
+
+
+def task_prototype(model, processor, examples, device, seed):
+    """A task's prototype: the mean image part and the mean instruction part over a sample of its examples."""
+    sample = random.Random(seed).sample(examples, min(64, len(examples)))
+    image, text = prototype_features(model, processor, sample, device)
+    return {"image": image.mean(0), "instruction": text.mean(0)}
+
+
+def task_similarity(prototypes):
+    """Cosine similarity between task prototypes, for the image part, the instruction part, and their mean."""
+    similarity = {}
+    for part in ["image", "instruction"]:
+        vectors = torch.nn.functional.normalize(torch.stack([p[part] for p in prototypes]), dim=-1)
+        matrix = vectors @ vectors.T
+        similarity[part] = (matrix + matrix.T) / 2  # symmetric to the last bit, whatever the matmul's order
+    similarity["combined"] = (similarity["image"] + similarity["instruction"]) / 2
+    return similarity
+
+
 def ewc_after_task(state, model, examples):
     """Elastic Weight Consolidation (Kirkpatrick et al., 2017), online form (Schwarz et al., 2018).
 
@@ -484,9 +538,45 @@ def ewc_after_task(state, model, examples):
                 fisher[name] += p.grad.detach() ** 2 * len(chunk) / len(sample)
     model.zero_grad(set_to_none=True)
     model.eval()
-    previous = state.get("fisher", {})
-    state["fisher"] = {name: f + previous.get(name, 0) for name, f in fisher.items()}
-    state["anchor"] = {name: p.detach().clone() for name, p in params.items()}
+    if args.similarity_weighted:  # kept per task, to be weighed afresh for each new task
+        state.setdefault("fishers", []).append(fisher)
+    else:
+        previous = state.get("fisher", {})
+        state["fisher"] = {name: f + previous.get(name, 0) for name, f in fisher.items()}
+    state["anchor"] = snapshot(model)
+
+
+def ewc_prepare(state, model):
+    """With --similarity-weighted, keep the base's trainable weights: task prototypes are taken with them."""
+    if state["args"].similarity_weighted:
+        state["base"] = snapshot(model)
+    return model
+
+
+def ewc_weigh_by_similarity(state, model, examples):
+    """--similarity-weighted: each old task's Fisher is scaled by its similarity to the new task, as a
+    prediction of how much the new task will make it forget; the weights average 1, so --ewc-lambda keeps
+    its total strength and is only shifted towards the old tasks most like the new one.
+
+    Why this direction: a new task that looks like an old one (same kind of images and instructions) reaches
+    the same weights, so it is the one that can overwrite them; the pair analysis (--analyze pairs) measures
+    how well this holds (on the tiny tasks: weakly, see the README). Similarity is combined (image and
+    instruction) cosine between prototypes taken with the base's weights, so no pair training is needed.
+    """
+    if not state["args"].similarity_weighted:
+        return
+    current = snapshot(model)
+    load_snapshot(model, state["base"])
+    state.setdefault("prototypes", []).append(
+        task_prototype(model, state["processor"], examples, state["device"], state["args"].seed))
+    load_snapshot(model, current)
+    if state["task"] == 0:
+        return
+    # The new task's row against the old ones; the floor keeps some protection for every old task.
+    similarity = task_similarity(state["prototypes"])["combined"][-1, :-1].clamp(min=0.05)
+    weights = (similarity / similarity.mean()).tolist()
+    state.setdefault("similarity_weights", {})[state["task"]] = weights
+    state["fisher"] = {name: sum(w * f[name] for w, f in zip(weights, state["fishers"])) for name in current}
 
 
 def ewc_penalty(state, model, batch, outputs):
@@ -505,7 +595,7 @@ def lwf_before_task(state, model, examples):
     (torch.func.functional_call), so the frozen copy costs only the trainable parameters.
     """
     if state["task"] > 0:
-        state["old"] = {name: p.detach().clone() for name, p in trainable(model).items()}
+        state["old"] = snapshot(model)
 
 
 def lwf_distillation(state, model, batch, outputs):
@@ -555,33 +645,43 @@ def eproj_before_task(state, model, examples):
     name = f"task{state['task']}"
     if name not in model.peft_config:
         model.add_adapter(name, lora_config(state["args"], model))
+        if state["args"].similarity_init and state["task"] > 0:
+            eproj_start_from_most_similar(state, model, examples, name)
     model.set_adapter(name)
     for param_name, p in model.named_parameters():
         p.requires_grad = f".{name}." in param_name
 
 
 def routing_features(state, model, examples):
-    """What the router sees: the base model's mean image feature and the instruction's mean embedding.
+    """What the router sees: prototype_features of the base model, joined into one unit vector per example.
 
     Adapters are switched off, so the features come from the frozen shared weights and never drift.
     """
-    processor, device = state["processor"], state["device"]
-    with torch.no_grad(), model.disable_adapter():
-        pixels = processor.image_processor(open_images(examples), return_tensors="pt").to(device)
-        features = model.get_image_features(**pixels).pooler_output
-        image = torch.stack([f.reshape(-1, f.shape[-1]).float().mean(0) for f in features])
-        tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
-        mask = tokens["attention_mask"].unsqueeze(-1)
-        text = ((model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)).float()
-    normalize = torch.nn.functional.normalize
-    return normalize(torch.cat([normalize(image, dim=-1), normalize(text, dim=-1)], -1), dim=-1)
+    with model.disable_adapter():
+        image, text = prototype_features(model, state["processor"], examples, state["device"])
+    return torch.nn.functional.normalize(torch.cat([image, text], -1), dim=-1)
+
+
+def eproj_key(state, model, examples):
+    """A task's key: the mean routing feature of (a sample of) its training examples."""
+    sample = random.Random(state["args"].seed).sample(examples, min(64, len(examples)))
+    return torch.nn.functional.normalize(routing_features(state, model, sample).mean(0), dim=0)
 
 
 def eproj_after_task(state, model, examples):
-    """The task's key: the mean routing feature of (a sample of) its training examples."""
-    sample = random.Random(state["args"].seed).sample(examples, min(64, len(examples)))
-    key = routing_features(state, model, sample).mean(0)
-    state.setdefault("keys", []).append(torch.nn.functional.normalize(key, dim=0))
+    state.setdefault("keys", []).append(eproj_key(state, model, examples))
+
+
+@torch.no_grad()
+def eproj_start_from_most_similar(state, model, examples, name):
+    """--similarity-init: the new adapter and projector start as copies of those of the earlier task whose key
+    is nearest to the new task's, instead of the base's (LoRA's B = 0), to transfer what the two share."""
+    source = int((torch.stack(state["keys"]) @ eproj_key(state, model, examples)).argmax())
+    state.setdefault("started_from", {})[state["task"]] = source
+    params = dict(model.named_parameters())
+    for param_name, p in params.items():
+        if f".{name}." in param_name:
+            p.copy_(params[param_name.replace(f".{name}.", f".task{source}.")])
 
 
 def eproj_answer(state, model, examples, true_task):
@@ -608,7 +708,8 @@ def eproj_answer(state, model, examples, true_task):
 
 METHODS = {
     "finetune": {},
-    "ewc": {"after_task": ewc_after_task, "extra_loss": ewc_penalty},
+    "ewc": {"prepare": ewc_prepare, "before_task": ewc_weigh_by_similarity, "after_task": ewc_after_task,
+            "extra_loss": ewc_penalty},
     "lwf": {"before_task": lwf_before_task, "extra_loss": lwf_distillation},
     "replay": {"after_task": replay_after_task, "mix_batch": replay_mix},
     "eproj": {"prepare": eproj_prepare, "before_task": eproj_before_task, "after_task": eproj_after_task,
@@ -809,12 +910,27 @@ def summarize(matrix):
     return {"average": average, "forgetting": forgetting, "bwt": bwt}
 
 
-def format_matrix(matrix, names):
-    width = max(8, *map(len, names)) + 1
-    row_names = names if len(matrix) == len(names) else ["joint"]
-    lines = ["after \\ on".ljust(width) + "".join(n.rjust(width) for n in names)]
-    lines += [f"{r:<{width}}" + "".join(f"{v:{width}.2f}" for v in row) for r, row in zip(row_names, matrix)]
+def format_table(rows, row_names, column_names, corner, digits=2):
+    """A matrix as aligned text; an empty cell (None: a task paired with itself) shows as '-'."""
+    width = max(8, digits + 6, *map(len, column_names)) + 1
+    lines = [corner.ljust(width) + "".join(n.rjust(width) for n in column_names)]
+    lines += [f"{r:<{width}}" + "".join("-".rjust(width) if v is None else f"{v:{width}.{digits}f}" for v in row)
+              for r, row in zip(row_names, rows)]
     return "\n".join(lines)
+
+
+def format_matrix(matrix, names):
+    return format_table(matrix, names if len(matrix) == len(names) else ["joint"], names, "after \\ on")
+
+
+def spearman(xs, ys):
+    """Spearman's rank correlation: Pearson's correlation of the ranks, tied values sharing their mean rank."""
+    def ranks(values):
+        return [sum(v < x for v in values) + (sum(v == x for v in values) - 1) / 2 for x in values]
+    rx, ry = torch.tensor(ranks(xs)), torch.tensor(ranks(ys))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.norm() * ry.norm()).item()
+    return (rx @ ry).item() / denominator if denominator > 0 else None  # None: one side has no ranking at all
 
 
 def write_json(path, data):
@@ -851,6 +967,7 @@ def run_method(args, tasks):
     results = {"method": args.method, "tasks": names, "matrix": matrix, **summarize(matrix)}
     if "routing" in state:
         results["routing_accuracy"] = sum(state["routing"].values()) / len(state["routing"])
+    results.update({key: state[key] for key in ["similarity_weights", "started_from"] if key in state})
     results.update(wall_time_s=round(time.time() - started, 1), config=vars(args))
     write_json(args.out / "results.json", results)
     for finished in args.out.glob("checkpoint-*"):  # <out>/model now holds the same weights
@@ -872,31 +989,136 @@ def compare(all_results, out):
     draw_matrices(all_results, out / "summary.png")
 
 
+def draw_heatmap(draw, x0, y0, matrix, row_names, column_names, low=0.0, high=1.0, cell=30, digits=1):
+    """A matrix as labelled cells, darker for higher values between low and high; None cells stay blank."""
+    font, left = ImageFont.load_default(size=11), 80
+    for i, (row_name, row) in enumerate(zip(row_names, matrix)):
+        draw.text((x0 + 4, y0 + i * cell + 9), row_name[:11], fill="black", font=font)
+        for j, value in enumerate(row):
+            if value is None:
+                continue
+            level = min(max((value - low) / (high - low), 0.0), 1.0) if high > low else 0.5
+            shade = int(255 * (1 - level))
+            box = [x0 + left + j * cell, y0 + i * cell, x0 + left + (j + 1) * cell - 2, y0 + (i + 1) * cell - 2]
+            draw.rectangle(box, fill=(shade, shade, 255))
+            draw.text((box[0] + 3, box[1] + 9), f"{value:.{digits}f}", fill="white" if level > 0.5 else "black",
+                      font=font)
+    for j, name in enumerate(column_names):
+        label_y = y0 + len(row_names) * cell + 4 + 12 * (j % 2)  # staggered so long names don't collide
+        draw.text((x0 + left + j * cell, label_y), name[:6], fill="black", font=font)
+    return left + len(column_names) * cell
+
+
 def draw_matrices(all_results, path, cell=30):
     """Each method's accuracy matrix as a small heatmap (dark = high score), side by side, with pillow."""
     font = ImageFont.load_default(size=11)
     names = all_results[0]["tasks"]
-    left, top, gap = 80, 46, 20
-    width = left + len(names) * cell
+    top, gap, width = 46, 20, 80 + len(names) * cell
     picture = Image.new("RGB", (len(all_results) * (width + gap), top + len(names) * cell + 60), "white")
     draw = ImageDraw.Draw(picture)
     for k, result in enumerate(all_results):
         x0 = k * (width + gap)
-        draw.text((x0 + left, 4), result["method"], fill="black", font=ImageFont.load_default(size=14))
-        draw.text((x0 + left, 22), f"avg {result['average']:.2f}  forgetting {result['forgetting']:.2f}",
+        draw.text((x0 + 80, 4), result["method"], fill="black", font=ImageFont.load_default(size=14))
+        draw.text((x0 + 80, 22), f"avg {result['average']:.2f}  forgetting {result['forgetting']:.2f}",
                   fill="black", font=font)
         draw.text((x0 + 4, 22), "after \\ on", fill="gray", font=font)
         rows = names if len(result["matrix"]) > 1 else ["joint"]
-        for i, (row_name, row) in enumerate(zip(rows, result["matrix"])):
-            draw.text((x0 + 4, top + i * cell + 9), row_name[:11], fill="black", font=font)
-            for j, value in enumerate(row):
-                shade = int(255 * (1 - value))
-                box = [x0 + left + j * cell, top + i * cell, x0 + left + (j + 1) * cell - 2, top + (i + 1) * cell - 2]
-                draw.rectangle(box, fill=(shade, shade, 255))
-                draw.text((box[0] + 4, box[1] + 9), f"{value:.1f}", fill="white" if value > 0.5 else "black", font=font)
-        for j, name in enumerate(names):
-            label_y = top + len(names) * cell + 4 + 12 * (j % 2)  # staggered so long names don't collide
-            draw.text((x0 + left + j * cell, label_y), name[:6], fill="black", font=font)
+        draw_heatmap(draw, x0, top, result["matrix"], rows, names, cell=cell)
+    picture.save(path)
+
+
+# ---------------------------------------------------------------- task pairs: does similarity predict forgetting?
+def analyze_pairs(args, tasks):
+    """The paper's task-pair study, with plain fine-tuning. From the base, train each task A (its weights kept
+    in memory), then from there each other task B, and score both:
+        pair_forgetting[A][B] = score(A after A) - score(A after A then B)
+        transfer[A][B]        = score(B after A then B) - score(B after B alone)
+    and compare with the similarity of the tasks' prototypes, taken from the base before any training.
+    """
+    started = time.time()
+    device = pick_device(args.device)
+    model, processor = load_model(args, device)
+    names = list(tasks)
+    prototypes = [task_prototype(model, processor, tasks[name]["train"], device, args.seed) for name in names]
+    similarity = {part: matrix.tolist() for part, matrix in task_similarity(prototypes).items()}
+    base = snapshot(model)
+
+    def tune(start, name, title):
+        """Train one task from the given weights, each time with the same seeds: only the start differs."""
+        load_snapshot(model, start)
+        torch.manual_seed(args.seed)
+        train(model, processor, tasks[name]["train"], args.steps, args.batch_size, args.lr, random.Random(args.seed),
+              device, title, grad_accum=args.grad_accum)
+
+    single, pair_scores = {}, {}
+    for first in names:
+        tune(base, first, f"{first} alone")
+        single[first] = evaluate_all(model, processor, {first: tasks[first]}, args, device, f"after {first}")[0]
+        after_first = snapshot(model)
+        for second in [n for n in names if n != first]:
+            tune(after_first, second, f"{first} then {second}")
+            pair_scores.setdefault(first, {})[second] = evaluate_all(
+                model, processor, {first: tasks[first], second: tasks[second]}, args, device,
+                f"after {first} then {second}")
+    forgetting = [[None if a == b else single[a] - pair_scores[a][b][0] for b in names] for a in names]
+    transfer = [[None if a == b else pair_scores[a][b][1] - single[b] for b in names] for a in names]
+    report = {"tasks": names, "single": single, "pair_scores": pair_scores, "pair_forgetting": forgetting,
+              "transfer": transfer, "similarity": similarity}
+    report["spearman"] = {f"{kind} vs {part} similarity": spearman(*off_diagonal(similarity[part], report[kind]))
+                          for kind in ["pair_forgetting", "transfer"] for part in similarity}
+    report.update(wall_time_s=round(time.time() - started, 1), config=vars(args))
+    write_json(args.out / "pairs.json", report)
+    draw_pairs(report, args.out / "pairs.png")
+    print_pairs(report)
+    return report
+
+
+def off_diagonal(*matrices):
+    """Each matrix's entries for the ordered pairs A != B, in the same order."""
+    return [[row[j] for i, row in enumerate(m) for j in range(len(row)) if i != j] for m in matrices]
+
+
+def print_pairs(report):
+    names = report["tasks"]
+    tables = [("pair forgetting: score on A lost by training B after A", report["pair_forgetting"], 2),
+              ("transfer: score on B after A then B, minus after B alone", report["transfer"], 2)]
+    tables += [(f"{part} similarity of the base's task prototypes (cosine)", matrix, 3)
+               for part, matrix in report["similarity"].items()]
+    for title, matrix, digits in tables:
+        print(f"\n{title}\n{format_table(matrix, names, names, 'A, then B', digits)}")
+    print(f"\nSpearman rank correlation over the {len(names) * (len(names) - 1)} ordered pairs:")
+    for name, rho in report["spearman"].items():
+        print(f"  {name:<42} {'undefined' if rho is None else f'{rho:+.2f}'}")
+    print(f"\n({report['wall_time_s']:.0f} s)  -> {report['config']['out']}/pairs.json, pairs.png")
+
+
+def draw_pairs(report, path, cell=36):
+    """Pair forgetting and combined similarity as heatmaps side by side, and one against the other as a scatter."""
+    names, font = report["tasks"], ImageFont.load_default(size=12)
+    forgetting, similarity = report["pair_forgetting"], report["similarity"]["combined"]
+    xs, ys = off_diagonal(similarity, forgetting)
+    top, side = 40, len(names) * cell
+    picture = Image.new("RGB", (2 * (80 + side) + 80 + side + 60, top + side + 80), "white")
+    draw = ImageDraw.Draw(picture)
+    x0 = 0
+    for title, matrix, values in [("pair forgetting (row A, column B)", forgetting, ys),
+                                  ("combined similarity", similarity, xs)]:
+        draw.text((x0 + 80, 10), title, fill="black", font=font)
+        x0 += draw_heatmap(draw, x0, top, matrix, names, names, min(values), max(values), cell, digits=2) + 20
+    # The scatter: x = similarity, y = forgetting, over the same off-diagonal pairs.
+    box = [x0 + 40, top, x0 + 40 + side, top + side]
+    draw.rectangle(box, outline="black")
+    rho = report["spearman"]["pair_forgetting vs combined similarity"]
+    draw.text((x0 + 40, 10), "forgetting vs similarity" + ("" if rho is None else f" (Spearman {rho:+.2f})"),
+              fill="black", font=font)
+    span = [(min(v), max(v) if max(v) > min(v) else min(v) + 1) for v in (xs, ys)]
+    for x, y in zip(xs, ys):
+        px = box[0] + 5 + (side - 10) * (x - span[0][0]) / (span[0][1] - span[0][0])
+        py = box[3] - 5 - (side - 10) * (y - span[1][0]) / (span[1][1] - span[1][0])
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(40, 40, 200))
+    draw.text((box[0], box[3] + 4), f"similarity {span[0][0]:.3f} .. {span[0][1]:.3f}", fill="black", font=font)
+    draw.text((box[0], box[3] + 20), f"forgetting {span[1][0]:.2f} .. {span[1][1]:.2f} (bottom to top)",
+              fill="black", font=font)
     picture.save(path)
 
 
@@ -914,7 +1136,8 @@ def check_inputs(args):
                          f"training examples of task {smallest!r}")
     outs = [args.out / method for method in ALL_METHODS] if args.method == "all" else [args.out]
     for out in outs:
-        if not (args.resume or args.overwrite) and any((out / f).exists() for f in ["results.json", "progress.json"]):
+        earlier = [out / f for f in ["results.json", "progress.json", "pairs.json"]]
+        if not (args.resume or args.overwrite) and any(f.exists() for f in earlier):
             raise InputError(f"--out {out} holds an earlier run: add --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
     return tasks
@@ -925,6 +1148,8 @@ def main(argv=None):
     disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
     try:
         tasks = check_inputs(args)
+        if args.analyze:
+            return analyze_pairs(args, tasks)
         if args.method != "all":
             return run_method(args, tasks)
         all_results = []

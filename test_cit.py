@@ -344,6 +344,88 @@ def test_a_run_interrupted_after_its_first_task_resumes_to_the_same_end(tmp_path
     assert not list(out.glob("checkpoint-*"))  # the final model replaces the last checkpoint
 
 
+# ---- task pairs and similarity
+def test_task_similarity_is_one_for_identical_tasks_and_symmetric(tiny):
+    model, processor = tiny
+    examples = {name: cit.load_split(cit.HERE / "tiny_tasks", name, "train") for name in ["count", "ocr"]}
+    prototypes = [cit.task_prototype(model, processor, examples[name], "cpu", seed=0)
+                  for name in ["count", "ocr", "count"]]
+    similarity = cit.task_similarity(prototypes)
+    assert set(similarity) == {"image", "instruction", "combined"}
+    for matrix in similarity.values():
+        assert torch.equal(matrix, matrix.T)
+        assert torch.allclose(matrix.diagonal(), torch.ones(3)) and matrix[0, 2] == pytest.approx(1, abs=1e-6)
+        assert (matrix <= 1 + 1e-6).all() and (matrix >= -1 - 1e-6).all()
+    assert similarity["instruction"][0, 1] < 0.99  # counting and reading are asked differently
+
+
+def test_spearman_matches_hand_worked_ranks():
+    assert cit.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1)
+    assert cit.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    # ranks with the tie shared: x -> 0, 1.5, 1.5, 3 and y -> 0, 2, 1, 3: 4.5 / sqrt(4.5 * 5)
+    assert cit.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert cit.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_pair_analysis_trains_b_from_a_and_keeps_its_books(tmp_path, cache, monkeypatch):
+    train, starts, ends = cit.train, {}, {}
+
+    def recording(*args, **kwargs):
+        starts[args[8]] = cit.snapshot(args[0])
+        train(*args, **kwargs)
+        ends[args[8]] = cit.snapshot(args[0])
+    monkeypatch.setattr(cit, "train", recording)
+    report = run(tmp_path, cache, "--analyze", "pairs", "--tasks", "count,ocr", "--steps", "3", "--max-test", "6")
+
+    def same(a, b):
+        return all(torch.equal(a[n], b[n]) for n in a)
+    assert sorted(starts) == ["count alone", "count then ocr", "ocr alone", "ocr then count"]
+    assert same(starts["count alone"], starts["ocr alone"])  # both from the base
+    assert same(starts["count then ocr"], ends["count alone"]) and same(starts["ocr then count"], ends["ocr alone"])
+    assert not same(starts["count then ocr"], starts["count alone"])
+    saved = json.loads((tmp_path / "out" / "pairs.json").read_text())
+    single, pairs = saved["single"], saved["pair_scores"]
+    assert saved["pair_forgetting"] == [[None, single["count"] - pairs["count"]["ocr"][0]],
+                                        [single["ocr"] - pairs["ocr"]["count"][0], None]]
+    assert saved["transfer"] == [[None, pairs["count"]["ocr"][1] - single["ocr"]],
+                                 [pairs["ocr"]["count"][1] - single["count"], None]]
+    combined = saved["similarity"]["combined"]
+    assert combined[0][1] == combined[1][0] and combined[0][0] == pytest.approx(1)
+    assert report["tasks"] == ["count", "ocr"] and Image.open(tmp_path / "out" / "pairs.png").size[0] > 400
+
+
+def test_similarity_weighted_ewc_weighs_old_tasks_by_their_similarity_to_the_new_one(tmp_path, cache):
+    tasks = ["count", "ocr", "mcq"]
+    results = run(tmp_path, cache, "--method", "ewc", "--similarity-weighted", "--tasks", ",".join(tasks),
+                  "--steps", "2", "--max-test", "4")
+    weights = results["similarity_weights"]
+    assert weights[1] == [1.0] and sum(weights[2]) / 2 == pytest.approx(1)
+    args = cit.parse_args(["--cache", str(cache)])
+    model, processor = cit.load_model(args, "cpu")
+    prototypes = [cit.task_prototype(model, processor, cit.load_split(cit.HERE / "tiny_tasks", name, "train"), "cpu", 0)
+                  for name in tasks]
+    similarity = cit.task_similarity(prototypes)["combined"]
+    assert weights[2][0] / weights[2][1] == pytest.approx((similarity[2, 0] / similarity[2, 1]).item(), rel=1e-4)
+
+
+def test_similarity_init_starts_a_new_adapter_from_the_nearest_earlier_one(tmp_path, cache):
+    args = cit.parse_args(["--method", "eproj", "--similarity-init", "--cache", str(cache)])
+    model, processor = cit.load_model(args, "cpu")
+    state = {"args": args, "processor": processor, "device": "cpu", "task": 0}
+    model = cit.eproj_prepare(state, model)
+    with torch.no_grad():  # stands in for training task 0: its adapter is no longer the base's
+        for name, p in model.named_parameters():
+            if ".task0." in name:
+                p.add_(0.01 * torch.randn_like(p))
+    cit.eproj_after_task(state, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
+    state["task"] = 1
+    cit.eproj_before_task(state, model, cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train"))
+    params = dict(model.named_parameters())
+    copied = [n for n in params if ".task1." in n]
+    assert copied and all(torch.equal(params[n], params[n.replace(".task1.", ".task0.")]) for n in copied)
+    assert state["started_from"] == {1: 0} and all(params[n].requires_grad for n in copied)
+
+
 # ---- real-model path, exercised on folders this project saves itself
 @pytest.mark.parametrize("method", cit.ALL_METHODS)
 def test_every_method_runs_with_lora_and_saves_its_adapter(tmp_path, cache, method):
