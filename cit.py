@@ -4,7 +4,7 @@ Instruction-tunes a LLaVA-style model on one vision-language task after another,
 after each one (the accuracy matrix R), and reports average accuracy, forgetting and backward transfer,
 after "Continual Instruction Tuning for Large Multimodal Models" (He, Guo, Tang, Wang, 2023).
 By default a tiny LLaVA with random weights is pre-trained on the spot and tuned on tiny synthetic
-tasks on a CPU:  python cit.py --method finetune   (then try joint).
+tasks on a CPU:  python cit.py --method finetune   (then try joint, all, or --analyze pairs).
 """
 import argparse
 import hashlib
