@@ -103,8 +103,8 @@ def parse_args(argv=None):
     run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
     run.add_argument("--show", type=int, default=1, help="sample answers printed per task after each task")
     run.add_argument("--analyze", choices=["pairs"],
-                     help="instead of a run: train every pair of tasks (A, then B) and relate the forgetting to "
-                          "the tasks' similarity; writes <out>/pairs.json and pairs.png")
+                     help="instead of a run: fine-tune every pair of tasks (A, then B) and relate the forgetting "
+                          "to the tasks' similarity; writes <out>/pairs.json and pairs.png")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last finished task (or start it, if there is none)")
@@ -156,6 +156,8 @@ def parse_args(argv=None):
         names = args.tasks.split(",")
         if "" in names or len(set(names)) < len(names):
             parser.error(f"argument --tasks: each task once, no empty names: got {args.tasks}")
+    if args.analyze and args.resume:
+        parser.error("argument --resume: an analysis has no checkpoints; it starts over with --overwrite")
     if args.ewc_lambda < 0 or args.lwf_alpha < 0:
         parser.error("arguments --ewc-lambda and --lwf-alpha: must be 0 or above")
     args.out = Path(args.out or f"runs/{args.analyze or args.method}")
@@ -1164,7 +1166,7 @@ def main(argv=None):
             raise
         sys.exit(f"cit.py: {error}")
     except KeyboardInterrupt:
-        print(f"\ncit.py: interrupted; the tasks finished so far are kept in {args.out}: add --resume to go on",
+        print(f"\ncit.py: interrupted; what was finished is kept in {args.out} (a run goes on with --resume)",
               file=sys.stderr)
         sys.exit(130)
 
