@@ -63,22 +63,25 @@ class InputError(Exception):
     """A problem the user can fix (a flag, a data file, a model name): reported in one line, no traceback."""
 
 
-def positive(kind):
-    """An argparse type for counts and rates that must be above zero."""
+def number(kind, above=None, at_least=None, at_most=None):
+    """An argparse type for a bounded number, so that a bad value is refused where its flag is read."""
     def parse(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        value = kind(text)  # the comparisons below are all False for nan, so nan is refused too
+        for ok, bound in [(above is None or value > above, f"above {above}"),
+                          (at_least is None or value >= at_least, f"{at_least} or above"),
+                          (at_most is None or value <= at_most, f"{at_most} or below")]:
+            if not ok:
+                raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its 'invalid int value' message
     return parse
 
 
-def fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+def task_names(text):
+    names = text.split(",")
+    if "" in names or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"each task once, no empty names: got {text}")
+    return names
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -112,10 +115,10 @@ def parse_args(argv=None):
     run.add_argument("--debug", action="store_true", help="show a traceback for input errors too")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=str(HERE / "tiny_tasks"), help="folder of task folders (LLaVA format)")
-    data.add_argument("--tasks", help="comma-separated task names, in training order "
+    data.add_argument("--tasks", type=task_names, help="comma-separated task names, in training order "
                                       f"(default for the tiny tasks: {','.join(TASK_ORDER)})")
-    data.add_argument("--max-train", type=positive(int), help="use at most this many training examples per task")
-    data.add_argument("--max-test", type=positive(int), help="use at most this many test examples per task")
+    data.add_argument("--max-train", type=number(int, above=0), help="use at most this many training examples per task")
+    data.add_argument("--max-test", type=number(int, above=0), help="use at most this many test examples per task")
     data.add_argument("--image-root", help="resolve image paths against this folder instead of each task folder")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="'tiny', or a Hugging Face hub id or local folder")
@@ -125,26 +128,32 @@ def parse_args(argv=None):
     model.add_argument("--lora", action=argparse.BooleanOptionalAction,
                        help="train LoRA adapters on the language model plus the projector "
                             "(default: on for real models, off for tiny)")
-    model.add_argument("--lora-rank", type=positive(int), default=8, help="rank of LoRA adapters (--lora and eproj)")
+    model.add_argument("--lora-rank", type=number(int, above=0), default=8,
+                       help="rank of LoRA adapters (--lora and eproj)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' type; auto: bfloat16 on a GPU that has it, else float32")
     model.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     model.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--steps", type=positive(int), default=200, help="training steps per task")
-    optim.add_argument("--batch-size", type=positive(int), default=16, help="examples per (micro-)batch")
-    optim.add_argument("--grad-accum", type=positive(int), default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--lr", type=positive(float), default=1e-3,
+    optim.add_argument("--steps", type=number(int, above=0), default=200, help="training steps per task")
+    optim.add_argument("--batch-size", type=number(int, above=0), default=16, help="examples per (micro-)batch")
+    optim.add_argument("--grad-accum", type=number(int, above=0), default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--lr", type=number(float, above=0), default=1e-3,
                        help="peak AdamW learning rate (about 2e-4 for real models)")
-    optim.add_argument("--eval-batch-size", type=positive(int), default=100, help="questions answered at once")
-    optim.add_argument("--max-new-tokens", type=positive(int), default=40, help="longest answer generated")
+    optim.add_argument("--eval-batch-size", type=number(int, above=0), default=100, help="questions answered at once")
+    optim.add_argument("--max-new-tokens", type=number(int, above=0), default=40, help="longest answer generated")
     cl = parser.add_argument_group("continual-learning methods")
-    cl.add_argument("--ewc-lambda", type=float, default=1e6, help="EWC: weight of the quadratic penalty")
-    cl.add_argument("--ewc-samples", type=positive(int), default=128, help="EWC: training examples used for the Fisher")
-    cl.add_argument("--lwf-alpha", type=float, default=1.0, help="LwF: weight of the distillation term")
-    cl.add_argument("--lwf-temperature", type=positive(float), default=2.0, help="LwF: softmax temperature")
-    cl.add_argument("--replay-size", type=positive(int), default=20, help="replay: examples kept per finished task")
-    cl.add_argument("--replay-ratio", type=fraction, default=0.25, help="replay: share of each batch from the buffer")
+    cl.add_argument("--ewc-lambda", type=number(float, at_least=0), default=1e6,
+                    help="EWC: weight of the quadratic penalty")
+    cl.add_argument("--ewc-samples", type=number(int, above=0), default=128,
+                    help="EWC: training examples used for the Fisher")
+    cl.add_argument("--lwf-alpha", type=number(float, at_least=0), default=1.0,
+                    help="LwF: weight of the distillation term")
+    cl.add_argument("--lwf-temperature", type=number(float, above=0), default=2.0, help="LwF: softmax temperature")
+    cl.add_argument("--replay-size", type=number(int, above=0), default=20,
+                    help="replay: examples kept per finished task")
+    cl.add_argument("--replay-ratio", type=number(float, at_least=0, at_most=1), default=0.25,
+                    help="replay: share of each batch from the buffer")
     cl.add_argument("--oracle-task", action="store_true", help="eproj: give the true task instead of routing")
     cl.add_argument("--similarity-init", action="store_true",
                     help="eproj: start a new task's adapter and projector from the most similar earlier task's")
@@ -152,14 +161,8 @@ def parse_args(argv=None):
                     help="ewc: weigh each earlier task's penalty by the forgetting that its similarity to the new "
                          "task predicts")
     args = parser.parse_args(argv)
-    if args.tasks:
-        names = args.tasks.split(",")
-        if "" in names or len(set(names)) < len(names):
-            parser.error(f"argument --tasks: each task once, no empty names: got {args.tasks}")
     if args.analyze and args.resume:
         parser.error("argument --resume: an analysis has no checkpoints; it starts over with --overwrite")
-    if args.ewc_lambda < 0 or args.lwf_alpha < 0:
-        parser.error("arguments --ewc-lambda and --lwf-alpha: must be 0 or above")
     args.out = Path(args.out or f"runs/{args.analyze or args.method}")
     if args.lora is None:
         args.lora = args.model != "tiny"
@@ -502,10 +505,14 @@ def prototype_features(model, processor, examples, device):
     return normalize(image, dim=-1), normalize(text, dim=-1)
 
 
+def prototype_sample(examples, seed):
+    """The 64 training examples (or all, if fewer) that stand for a task in its prototype and its eproj key."""
+    return random.Random(seed).sample(examples, min(64, len(examples)))
+
+
 def task_prototype(model, processor, examples, device, seed):
     """A task's prototype: the mean image part and the mean instruction part over a sample of its examples."""
-    sample = random.Random(seed).sample(examples, min(64, len(examples)))
-    image, text = prototype_features(model, processor, sample, device)
+    image, text = prototype_features(model, processor, prototype_sample(examples, seed), device)
     return {"image": image.mean(0), "instruction": text.mean(0)}
 
 
@@ -666,7 +673,7 @@ def routing_features(state, model, examples):
 
 def eproj_key(state, model, examples):
     """A task's key: the mean routing feature of (a sample of) its training examples."""
-    sample = random.Random(state["args"].seed).sample(examples, min(64, len(examples)))
+    sample = prototype_sample(examples, state["args"].seed)
     return torch.nn.functional.normalize(routing_features(state, model, sample).mean(0), dim=0)
 
 
@@ -991,9 +998,14 @@ def compare(all_results, out):
     draw_matrices(all_results, out / "summary.png")
 
 
+ROW_LABELS = 80  # pixels left of a heatmap for its row names
+
+
 def draw_heatmap(draw, x0, y0, matrix, row_names, column_names, low=0.0, high=1.0, cell=30, digits=1):
-    """A matrix as labelled cells, darker for higher values between low and high; None cells stay blank."""
-    font, left = ImageFont.load_default(size=11), 80
+    """A matrix as labelled cells, darker for higher values between low and high; None cells stay blank.
+
+    Returns its width."""
+    font, left = ImageFont.load_default(size=11), ROW_LABELS
     for i, (row_name, row) in enumerate(zip(row_names, matrix)):
         draw.text((x0 + 4, y0 + i * cell + 9), row_name[:11], fill="black", font=font)
         for j, value in enumerate(row):
@@ -1015,13 +1027,13 @@ def draw_matrices(all_results, path, cell=30):
     """Each method's accuracy matrix as a small heatmap (dark = high score), side by side, with pillow."""
     font = ImageFont.load_default(size=11)
     names = all_results[0]["tasks"]
-    top, gap, width = 46, 20, 80 + len(names) * cell
+    top, gap, width = 46, 20, ROW_LABELS + len(names) * cell
     picture = Image.new("RGB", (len(all_results) * (width + gap), top + len(names) * cell + 60), "white")
     draw = ImageDraw.Draw(picture)
     for k, result in enumerate(all_results):
         x0 = k * (width + gap)
-        draw.text((x0 + 80, 4), result["method"], fill="black", font=ImageFont.load_default(size=14))
-        draw.text((x0 + 80, 22), f"avg {result['average']:.2f}  forgetting {result['forgetting']:.2f}",
+        draw.text((x0 + ROW_LABELS, 4), result["method"], fill="black", font=ImageFont.load_default(size=14))
+        draw.text((x0 + ROW_LABELS, 22), f"avg {result['average']:.2f}  forgetting {result['forgetting']:.2f}",
                   fill="black", font=font)
         draw.text((x0 + 4, 22), "after \\ on", fill="gray", font=font)
         rows = names if len(result["matrix"]) > 1 else ["joint"]
@@ -1100,12 +1112,12 @@ def draw_pairs(report, path, cell=36):
     forgetting, similarity = report["pair_forgetting"], report["similarity"]["combined"]
     xs, ys = off_diagonal(similarity, forgetting)
     top, side = 40, len(names) * cell
-    picture = Image.new("RGB", (2 * (80 + side) + 80 + side + 60, top + side + 80), "white")
+    picture = Image.new("RGB", (2 * (ROW_LABELS + side) + 80 + side + 60, top + side + 80), "white")
     draw = ImageDraw.Draw(picture)
     x0 = 0
     for title, matrix, values in [("pair forgetting (row A, column B)", forgetting, ys),
                                   ("combined similarity", similarity, xs)]:
-        draw.text((x0 + 80, 10), title, fill="black", font=font)
+        draw.text((x0 + ROW_LABELS, 10), title, fill="black", font=font)
         x0 += draw_heatmap(draw, x0, top, matrix, names, names, min(values), max(values), cell, digits=2) + 20
     # The scatter: x = similarity, y = forgetting, over the same off-diagonal pairs.
     box = [x0 + 40, top, x0 + 40 + side, top + side]
@@ -1128,7 +1140,7 @@ def check_inputs(args):
     """Everything a user can get wrong, checked before any training: the data, the flags that depend on
     it, and earlier results in --out that a run would replace. Returns the tasks, loaded."""
     data_dir = Path(args.data)
-    names = args.tasks.split(",") if args.tasks else default_task_names(data_dir)
+    names = args.tasks or default_task_names(data_dir)
     if not names:
         raise InputError(f"--data {data_dir}: no task folders in it (folders holding train.json and test.json)")
     tasks = load_tasks(data_dir, names, args.max_train, args.max_test, args.image_root)
