@@ -5,6 +5,9 @@ after each one (the accuracy matrix R), and reports average accuracy, forgetting
 after "Continual Instruction Tuning for Large Multimodal Models" (He, Guo, Tang, Wang, 2023).
 By default a tiny LLaVA with random weights is pre-trained on the spot and tuned on tiny synthetic
 tasks on a CPU:  python cit.py --method finetune   (then try joint, all, or --analyze pairs).
+
+Part 1, the paper, reads top to bottom: data, model, the loop, evaluation and metrics, the four methods,
+the entry point. Part 2, after the fence, is support: flags, input checks, checkpoints, pictures, analyses.
 """
 import argparse
 import hashlib
@@ -17,9 +20,11 @@ import shutil
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -31,7 +36,9 @@ from transformers.utils.logging import disable_progress_bar
 
 HERE = Path(__file__).resolve().parent
 
-# ---------------------------------------------------------------- config
+# ================================================================ PART 1: THE PAPER
+
+# ---------------------------------------------------------------- the tiny setup
 # The tiny tasks' default order: captioning first, as in the paper's benchmark, multiple choice last.
 TASK_ORDER = ["caption", "ocr", "classify", "vqa", "count", "grounding", "mcq"]
 # The tiny LMM: a CLIP vision tower (32x32 images, 8x8 patches: 16 image tokens), a two-layer MLP
@@ -51,7 +58,6 @@ TINY_CHAT_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %} {% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-ALL_METHODS = ["finetune", "ewc", "lwf", "replay", "eproj", "joint"]
 # LoRA goes on the language model's attention and MLP projections, never on the vision tower.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # What the vision encoder and the vision-to-language projector are called across transformers' LMMs.
@@ -59,6 +65,621 @@ VISION_NAMES = ["vision_tower", "visual", "vision_model"]
 PROJECTOR_NAMES = ["multi_modal_projector", "connector", "merger"]
 
 
+# ---------------------------------------------------------------- data: LLaVA records to batches
+def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None):
+    """{task: {"train": examples, "test": examples}}, in training order; an example is {image, question, answer}."""
+    check_task_folders(data_dir, names)
+    return {name: {"train": load_split(data_dir, name, "train", image_root)[:max_train],
+                   "test": load_split(data_dir, name, "test", image_root)[:max_test]} for name in names}
+
+
+def load_split(data_dir, name, split, image_root=None):
+    """One split of a task folder in LLaVA's format: a JSON list of conversation records.
+
+    Only the first human/gpt exchange of each conversation is used: the benchmark tasks are single-turn.
+    Images resolve against the task folder, or --image-root when the benchmark keeps them in one place.
+    """
+    path = data_dir / name / f"{split}.json"
+    image_dir, allowed = (Path(image_root), Path(image_root)) if image_root else (data_dir / name, data_dir)
+    return [example_from(record, f"{path}: record {index}", image_dir, allowed)
+            for index, record in enumerate(read_records(path))]
+
+
+def example_from(record, where, image_dir, allowed):
+    """A record {"image", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}]} as an example."""
+    where = check_record(record, where)  # and names the record by its id from here on
+    question = next(turn["value"] for turn in record["conversations"] if turn.get("from") == "human")
+    answer = next(turn["value"] for turn in record["conversations"] if turn.get("from") == "gpt")
+    return {"image": image_path(record, where, image_dir, allowed),
+            "question": question.replace("<image>", "").strip(), "answer": answer.strip()}
+
+
+def chat(question, answer=None):
+    """A LLaVA record as chat messages, so that each model's own chat template builds the prompt."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def open_images(examples):
+    return [open_image(e["image"]) for e in examples]
+
+
+def open_image(path):
+    """An RGB picture; Pillow's decompression-bomb limit stays on, so an absurdly large image is refused."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{path}: not a readable image ({error})") from None
+
+
+def training_batch(processor, examples, device):
+    """Tokenize prompt + answer; labels are the answer tokens only (prompt and image tokens are -100)."""
+    images = open_images(examples)
+    prompts = [processor.apply_chat_template(chat(e["question"]), add_generation_prompt=True) for e in examples]
+    full = [processor.apply_chat_template(chat(e["question"], e["answer"])) for e in examples]
+    processor.tokenizer.padding_side = "right"
+    batch = processor(images=images, text=full, padding=True, return_tensors="pt")
+    # Prompts go through the processor with their images too, so each <image> expands exactly as in the full
+    # text and the mask ends where the answer begins, for any model's image-token scheme.
+    prompt_lengths = [len(ids) for ids in processor(images=images, text=prompts)["input_ids"]]
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    for row, length in enumerate(prompt_lengths):
+        labels[row, :length] = -100
+    batch["labels"] = labels
+    return batch.to(device)
+
+
+# ---------------------------------------------------------------- model: the tiny LLaVA, its bases, any LMM
+def tiny_tokenizer(texts):
+    """A byte-level BPE tokenizer trained on the spot on the tiny world's text, as real LMMs' are on the web's.
+
+    Every byte stays in the vocabulary, so any text a user's data brings is covered: no unknown tokens.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<pad>", "<s>", "</s>", "<image>"], show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def tiny_corpus():
+    """The text the tiny tokenizer learns from: every instruction and answer in tiny_tasks, and the prompt format."""
+    texts = ["USER: ASSISTANT:"]
+    for path in sorted((HERE / "tiny_tasks").glob("**/train.json")):
+        texts += [turn["value"] for record in json.loads(path.read_text()) for turn in record["conversations"]]
+    return texts
+
+
+def tiny_model_and_processor(tokenizer):
+    """A real transformers LLaVA built from a small config with random weights: nothing is downloaded."""
+    size = TINY_VISION["image_size"]
+    # Resize to the input size without cropping, so images of any shape keep all their content.
+    image_processor = CLIPImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False)
+    # "default" drops the vision tower's CLS token: 16 patch features for 16 <image> tokens.
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=TINY_VISION["patch_size"], vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**TINY_VISION),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_TEXT),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(size // TINY_VISION["patch_size"]) ** 2,
+        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def tiny_base(flavour, args, device):
+    """The tiny base, as real continual tuning starts from LLaVA or InstructBLIP: LLaVA's stages in miniature.
+
+    "align" is stage 1 (captions, every weight trains); "instruct" adds joint multi-task instruction tuning
+    with the vision encoder frozen. Built once, then loaded from the cache in the Hugging Face layout.
+    """
+    folder = base_folder(flavour, args)
+    if not (folder / "config.json").is_file():
+        if flavour == "align":
+            torch.manual_seed(args.seed)
+            model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
+            model.to(device)
+        else:
+            model, processor = tiny_base("align", args, device)
+            model.to(device)
+            freeze_vision_encoder(model)
+        examples = load_split(HERE / "tiny_tasks" / "base", flavour, "train")
+        train(model, processor, examples, steps=TINY_BASE[f"{flavour}_steps"], batch_size=TINY_BASE["batch_size"],
+              lr=TINY_BASE["lr"], rng=random.Random(args.seed), device=device, desc=f"base: {flavour}")
+        save_whole(model, processor, folder)
+    return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+
+
+def load_pretrained(name, args, dtype):
+    """Any image-text-to-text model of transformers, from the hub or a folder, through the generic classes.
+
+    A folder that a run saved with LoRA holds an adapter: it is loaded onto the base it names and merged.
+    """
+    with model_loading_errors(name):
+        if (Path(name) / "adapter_config.json").is_file():
+            model, _ = load_pretrained(PeftConfig.from_pretrained(name).base_model_name_or_path, args, dtype)
+            return PeftModel.from_pretrained(model, name).merge_and_unload(), AutoProcessor.from_pretrained(name)
+        remote = args.trust_remote_code
+        return (AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=remote),
+                AutoProcessor.from_pretrained(name, trust_remote_code=remote))
+
+
+def load_model(args, device):
+    """The base model on its device, ready to tune: the vision encoder frozen, as in LLaVA's stage 2."""
+    dtype = pick_dtype(args, device)
+    if args.model == "tiny":
+        model, processor = tiny_base(args.base, args, device)
+        model.to(dtype)
+    else:
+        model, processor = load_pretrained(args.model, args, dtype)
+    if processor.chat_template is None:  # a model without one gets LLaVA-1.5's format
+        processor.chat_template = TINY_CHAT_TEMPLATE
+    model.to(device)
+    freeze_vision_encoder(model)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return model, processor
+
+
+def find_module(model, names):
+    """The full name of the vision encoder or the projector, whatever this model family calls it."""
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] in names:
+            return name
+    raise InputError(f"the model has no module named any of {names}: is it an image-text-to-text model?")
+
+
+def freeze_vision_encoder(model):
+    """As in LLaVA's stage 2, the vision encoder is never tuned after pre-training."""
+    model.get_submodule(find_module(model, VISION_NAMES)).requires_grad_(False)
+
+
+def lora_config(args, model):
+    """LoRA on the language model; the projector trains fully (peft keeps a trainable copy of it)."""
+    projector = find_module(model, PROJECTOR_NAMES).rsplit(".", 1)[-1]
+    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS,
+                      modules_to_save=[projector])
+
+
+def trainable(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot(model):
+    """A copy of the trainable weights: what EWC anchors to, LwF distils from, the pair analysis goes back to."""
+    return {name: p.detach().clone() for name, p in trainable(model).items()}
+
+
+@torch.no_grad()
+def load_snapshot(model, weights):
+    for name, p in trainable(model).items():
+        p.copy_(weights[name])
+
+
+@torch.no_grad()
+def prototype_features(model, processor, examples, device):
+    """What each example looks like to the model, before any answer: its mean image feature (vision tower and
+    projector) and its instruction's mean token embedding, each of unit length.
+
+    eproj's routing and task similarity (the pair analysis, EWC's weighting) are both built on these.
+    """
+    pixels = processor.image_processor(open_images(examples), return_tensors="pt").to(device)
+    features = model.get_image_features(**pixels).pooler_output
+    image = torch.stack([f.reshape(-1, f.shape[-1]).float().mean(0) for f in features])
+    tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
+    mask = tokens["attention_mask"].unsqueeze(-1)
+    text = ((model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)).float()
+    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+
+
+def prototype_sample(examples, seed):
+    """The 64 training examples (or all, if fewer) that stand for a task in its prototype and its eproj key."""
+    return random.Random(seed).sample(examples, min(64, len(examples)))
+
+
+# ---------------------------------------------------------------- the loop: hooks, training, the sequential run
+# A continual-learning method is a few hooks around one loop (avalanche's and mammoth's design). Every hook
+# has a default that changes nothing, so the loop calls each one and never asks which method it runs:
+#   stages(tasks, args) -> [(name, examples, steps)]   what is trained, in order: by default one stage per task
+#   prepare(state, model) -> model                     once, before the first stage (default: LoRA if --lora)
+#   before_task(state, model, examples)                before a stage is trained
+#   mix_batch(state, examples, rng) -> examples        what a training batch holds
+#   extra_loss(state, model, batch, outputs) -> loss   a term added to the loss at every step
+#   after_task(state, model, examples)                 after a stage is trained
+#   answer(state, model, examples, task) -> answers    how a task's test questions are answered
+# `state` is the run's memory: the loop fills in "args", "processor", "device", "task" (the current stage's
+# index) and "report" (extra results for results.json); everything else a method keeps there between tasks.
+def one_stage_per_task(tasks, args):
+    return [(name, task["train"], args.steps) for name, task in tasks.items()]
+
+
+def keep_model(state, model):
+    return model
+
+
+def add_lora(state, model):
+    """--lora: only the LoRA adapters and the projector train; the shared weights stay as the base had them."""
+    model.requires_grad_(False)
+    return get_peft_model(model, lora_config(state["args"], model))
+
+
+def do_nothing(state, model, examples):
+    pass
+
+
+def same_batch(state, examples, rng):
+    return examples
+
+
+def no_extra_loss(state, model, batch, outputs):
+    return 0.0
+
+
+def greedy_answers(state, model, examples, task):
+    return generate(model, state["processor"], examples, state["args"], state["device"])
+
+
+NO_HOOKS = dict(stages=one_stage_per_task, prepare=keep_model, before_task=do_nothing, mix_batch=same_batch,
+                extra_loss=no_extra_loss, after_task=do_nothing, answer=greedy_answers)
+
+
+def method_hooks(args):
+    """args.method's hooks over the defaults; a variant's hooks only when its flag is given."""
+    hooks = dict(NO_HOOKS, prepare=add_lora if args.lora else keep_model)
+    return hooks | METHODS[args.method] | variant_hooks(args)
+
+
+def train(model, processor, examples, *, steps, batch_size, lr, rng, device, desc, hooks=NO_HOOKS, state=None,
+          grad_accum=1):
+    """AdamW on the answer-token loss; a method may change what a batch holds and add a term to the loss."""
+    model.train()
+    optimizer = torch.optim.AdamW(trainable(model).values(), lr=lr)
+    # LLaVA's schedule: a short warm-up, then cosine decay to zero by the end of the task.
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1, disable=None)
+    for _ in progress:
+        for _ in range(grad_accum):  # micro-batches whose gradients add up to one batch
+            chosen = hooks["mix_batch"](state, rng.sample(examples, min(batch_size, len(examples))), rng)
+            batch = training_batch(processor, chosen, device)
+            outputs = model(**batch)
+            loss = outputs.loss + hooks["extra_loss"](state, model, batch, outputs)
+            (loss / grad_accum).backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+def start_run(args, device, hooks):
+    """A fresh run: the base model, the random generators seeded, the method's prepare hook; no rows yet."""
+    model, processor = load_model(args, device)
+    torch.manual_seed(args.seed)  # after loading: building a base on the first run must not shift what follows
+    state = {"args": args, "processor": processor, "device": device, "task": 0, "report": {}}
+    return hooks["prepare"](state, model), state, random.Random(args.seed), []
+
+
+def run_sequence(model, tasks, hooks, state, rng, matrix):
+    """Train the stages one after another; after each, score every task: row i of the accuracy matrix R.
+
+    A resumed run brings the rows it has and goes on with the next stage. Returns the rows' names and R.
+    """
+    args = state["args"]
+    stages = hooks["stages"](tasks, args)
+    for i, (name, examples, steps) in enumerate(stages[len(matrix):], start=len(matrix)):
+        state["task"] = i
+        hooks["before_task"](state, model, examples)
+        train(model, state["processor"], examples, steps=steps, batch_size=args.batch_size, lr=args.lr, rng=rng,
+              device=state["device"], desc=f"task {i + 1}/{len(stages)}: {name}", hooks=hooks, state=state,
+              grad_accum=args.grad_accum)
+        hooks["after_task"](state, model, examples)
+        matrix.append(evaluate_all(state, model, tasks, f"after {name}", hooks["answer"]))
+        save_checkpoint(state, model, rng, list(tasks), matrix)
+    return [name for name, _, _ in stages], matrix
+
+
+# ---------------------------------------------------------------- evaluation and metrics
+@torch.no_grad()
+def generate(model, processor, examples, args, device):
+    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
+    answers = []
+    processor.tokenizer.padding_side = "left"
+    for first in range(0, len(examples), args.eval_batch_size):
+        chunk = examples[first:first + args.eval_batch_size]
+        prompts = [processor.apply_chat_template(chat(e["question"]), add_generation_prompt=True) for e in chunk]
+        batch = processor(images=open_images(chunk), text=prompts, padding=True, return_tensors="pt").to(device)
+        output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
+        answers += processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def evaluate_all(state, model, tasks, title, answer=greedy_answers):
+    """Score every task, seen or not, and print a few answers so the forgetting can be seen, not just counted."""
+    model.eval()
+    scores = []
+    print(f"\n{title}:")
+    for j, (name, task) in enumerate(tasks.items()):
+        examples = task["test"]
+        predictions = answer(state, model, examples, j)
+        scores.append(metric_for(examples)(predictions, [e["answer"] for e in examples]))
+        print(f"  {name:<12} {scores[-1]:.2f}")
+        for example, prediction in list(zip(examples, predictions))[:state["args"].show]:
+            question = example["question"].splitlines()[0]
+            print(f"      Q: {question}  A: {prediction!r}  (expected {example['answer']!r})")
+    return scores
+
+
+def normalize(text):
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def exact_match(predictions, references):
+    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)
+
+
+def bleu4(predictions, references):
+    """Corpus BLEU-4 (Papineni et al., 2002) with one reference per example, on normalized words."""
+    matched, total = [0] * 4, [0] * 4
+    prediction_length = reference_length = 0
+    for prediction, reference in zip(predictions, references):
+        p, r = normalize(prediction).split(), normalize(reference).split()
+        prediction_length, reference_length = prediction_length + len(p), reference_length + len(r)
+        for n in range(1, 5):
+            p_grams = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
+            r_grams = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            matched[n - 1] += sum((p_grams & r_grams).values())
+            total[n - 1] += max(len(p) - n + 1, 0)
+    if min(matched) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matched, total)) / 4
+    brevity = min(0.0, 1 - reference_length / prediction_length)
+    return math.exp(log_precision + brevity)
+
+
+def metric_for(examples):
+    """Captions (answers of four words or more on average) are scored by BLEU-4, short answers by exact match."""
+    mean_words = sum(len(e["answer"].split()) for e in examples) / len(examples)
+    return bleu4 if mean_words >= 4 else exact_match
+
+
+def summarize(matrix):
+    """Average accuracy, backward transfer and forgetting of an accuracy matrix R (rows: after task i)."""
+    final, T = matrix[-1], len(matrix)
+    average = sum(final) / len(final)
+    if T == 1:
+        return {"average": average, "forgetting": 0.0, "bwt": 0.0}
+    bwt = sum(final[j] - matrix[j][j] for j in range(T - 1)) / (T - 1)
+    forgetting = sum(max(matrix[i][j] for i in range(j, T - 1)) - final[j] for j in range(T - 1)) / (T - 1)
+    return {"average": average, "forgetting": forgetting, "bwt": bwt}
+
+
+# ---------------------------------------------------------------- the methods: regularization (EWC, LwF)
+def ewc_after_task(state, model, examples):
+    """Elastic Weight Consolidation (Kirkpatrick et al., 2017), online form (Schwarz et al., 2018).
+
+    On an LMM: the Fisher of each trainable weight (projector, language model or LoRA) comes from the
+    answer-token loss on a sample of the task; it is summed over tasks, and the weights after the task are the anchor.
+    """
+    fisher = ewc_fisher(state, model, examples)
+    previous = state.get("fisher", {})
+    state["fisher"] = {name: f + previous.get(name, 0) for name, f in fisher.items()}
+    state["anchor"] = snapshot(model)
+
+
+def ewc_fisher(state, model, examples):
+    """The diagonal Fisher from squared gradients of the answer-token loss, batch by batch, over --ewc-samples."""
+    args = state["args"]
+    sample = random.Random(args.seed + state["task"]).sample(examples, min(args.ewc_samples, len(examples)))
+    params = trainable(model)
+    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
+    model.train()
+    for first in range(0, len(sample), args.batch_size):
+        chunk = sample[first:first + args.batch_size]
+        model.zero_grad(set_to_none=True)
+        model(**training_batch(state["processor"], chunk, state["device"])).loss.backward()
+        for name, p in params.items():
+            if p.grad is not None:  # a weight the loss does not reach has zero Fisher
+                fisher[name] += p.grad.detach() ** 2 * len(chunk) / len(sample)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return fisher
+
+
+def ewc_penalty(state, model, batch, outputs):
+    """lambda/2 * sum F (theta - theta_old)^2 over the trainable weights: zero at the anchor, quadratic away."""
+    if "fisher" not in state:
+        return 0.0
+    penalty = sum((state["fisher"][name] * (p - state["anchor"][name]) ** 2).sum()
+                  for name, p in trainable(model).items())
+    return state["args"].ewc_lambda / 2 * penalty
+
+
+def lwf_before_task(state, model, examples):
+    """Learning without Forgetting (Li & Hoiem, 2016): the model before the task teaches the model in it.
+
+    On an LMM: the old model is this network run with the trainable weights it had before the task
+    (torch.func.functional_call), so the frozen copy costs only the trainable parameters, not a second LMM.
+    """
+    if state["task"] > 0:
+        state["old"] = snapshot(model)
+
+
+def lwf_distillation(state, model, batch, outputs):
+    """KL(old || new) at temperature T between next-token distributions on the new task's answer positions."""
+    if "old" not in state:
+        return 0.0
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        old_logits = torch.func.functional_call(model, state["old"], args=(), kwargs=inputs).logits
+    answer = batch["labels"][:, 1:] != -100  # logits at position t predict token t+1
+    T = state["args"].lwf_temperature
+    new = torch.log_softmax(outputs.logits[:, :-1][answer] / T, dim=-1)
+    old = torch.log_softmax(old_logits[:, :-1][answer] / T, dim=-1)
+    kl = F.kl_div(new, old, log_target=True, reduction="batchmean")
+    return state["args"].lwf_alpha * T * T * kl
+
+
+# ---------------------------------------------------------------- the methods: replay
+def replay_after_task(state, model, examples):
+    """Experience replay (e.g. Chaudhry et al., 2019): keep a few training examples of each finished task.
+
+    On an LMM the buffer holds instruction data (image path, instruction, answer), as the paper's replay
+    does, not model outputs; each later batch swaps a share of its examples for buffered ones.
+    """
+    args = state["args"]
+    kept = random.Random(args.seed + state["task"]).sample(examples, args.replay_size)
+    state.setdefault("buffer", []).extend(kept)
+
+
+def replay_mix(state, examples, rng):
+    """Swap a fixed share of each batch (--replay-ratio) for examples drawn from the buffer."""
+    buffer = state.get("buffer", [])
+    k = min(round(len(examples) * state["args"].replay_ratio), len(buffer))
+    return rng.sample(buffer, k) + examples[k:]
+
+
+# ---------------------------------------------------------------- the methods: expansion (eproj)
+def eproj_prepare(state, model):
+    """Expansion, after the paper's expanded projection (EProj): the shared weights of the base stay frozen.
+
+    On an LMM: each task gets its own LoRA adapter on the language model and its own copy of the projector,
+    side by side through peft's named adapters (modules_to_save copies the projector per adapter).
+    """
+    model.requires_grad_(False)
+    return get_peft_model(model, lora_config(state["args"], model), adapter_name="task0")
+
+
+def eproj_before_task(state, model, examples):
+    """Only the new task's adapter and projector train, so nothing an earlier task learned can change."""
+    name = f"task{state['task']}"
+    if name not in model.peft_config:  # task0's was made by eproj_prepare
+        model.add_adapter(name, lora_config(state["args"], model))
+    model.set_adapter(name)
+    for param_name, p in model.named_parameters():
+        p.requires_grad = f".{name}." in param_name
+
+
+def eproj_after_task(state, model, examples):
+    state.setdefault("keys", []).append(eproj_key(state, model, examples))
+
+
+def eproj_key(state, model, examples):
+    """A task's key: the mean routing feature of (a sample of) its training examples."""
+    sample = prototype_sample(examples, state["args"].seed)
+    return F.normalize(routing_features(state, model, sample).mean(0), dim=0)
+
+
+def routing_features(state, model, examples):
+    """What the router sees: prototype_features of the base model, joined into one unit vector per example.
+
+    Adapters are switched off, so the features come from the frozen shared weights and never drift.
+    """
+    with model.disable_adapter():
+        image, text = prototype_features(model, state["processor"], examples, state["device"])
+    return F.normalize(torch.cat([image, text], -1), dim=-1)
+
+
+def eproj_answer(state, model, examples, task):
+    """The task is not given at test time: each question goes to the seen task with the nearest key (cosine)."""
+    routes = (routing_features(state, model, examples) @ torch.stack(state["keys"]).T).argmax(-1).tolist()
+    if task <= state["task"]:  # how often a seen task's questions reach its own parameters
+        routing = state.setdefault("routing", {})
+        routing[task] = sum(r == task for r in routes) / len(routes)
+        state["report"]["routing_accuracy"] = sum(routing.values()) / len(routing)
+    return answer_with_experts(state, model, examples, routes)
+
+
+def answer_with_experts(state, model, examples, routes):
+    """Each question answered with the adapter and projector of the task it was routed to."""
+    answers = [""] * len(examples)
+    for task in sorted(set(routes)):
+        chosen = [i for i, r in enumerate(routes) if r == task]
+        model.set_adapter(f"task{task}")
+        for i, answer in zip(chosen, generate(model, state["processor"], [examples[i] for i in chosen],
+                                              state["args"], state["device"])):
+            answers[i] = answer
+    model.set_adapter(f"task{state['task']}")
+    return answers
+
+
+# ---------------------------------------------------------------- the bounds: fine-tuning and joint training
+def joint_stages(tasks, args):
+    """The upper bound: one model trained on all tasks mixed, for the same total number of steps."""
+    mixed = [example for task in tasks.values() for example in task["train"]]
+    return [("joint", mixed, args.steps * len(tasks))]
+
+
+METHODS = {
+    "finetune": {},
+    "ewc": {"after_task": ewc_after_task, "extra_loss": ewc_penalty},
+    "lwf": {"before_task": lwf_before_task, "extra_loss": lwf_distillation},
+    "replay": {"after_task": replay_after_task, "mix_batch": replay_mix},
+    "eproj": {"prepare": eproj_prepare, "before_task": eproj_before_task, "after_task": eproj_after_task,
+              "answer": eproj_answer},
+    "joint": {"stages": joint_stages},
+}
+ALL_METHODS = list(METHODS)
+
+
+# ---------------------------------------------------------------- the entry point
+def run_method(args, tasks):
+    """One continual run of args.method: the accuracy matrix, its metrics, written to <out>/results.json."""
+    started = time.time()
+    if args.resume and (args.out / "results.json").is_file():
+        print(f"--resume: {args.method} had finished: {args.out / 'results.json'}")
+        return json.loads((args.out / "results.json").read_text())
+    device, hooks = pick_device(args.device), method_hooks(args)
+    model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
+    rows, matrix = run_sequence(model, tasks, hooks, state, rng, matrix)
+    # The Hugging Face layout; with LoRA only the adapter(s), which name the base model they go on.
+    model.save_pretrained(args.out / "model")
+    state["processor"].save_pretrained(args.out / "model")
+    results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
+               **state["report"], "wall_time_s": round(time.time() - started, 1), "config": vars(args)}
+    write_json(args.out / "results.json", results)
+    remove_checkpoints(args.out)  # <out>/model now holds the same weights
+    table = format_table(matrix, rows, list(tasks), "after \\ on")
+    print(f"\naccuracy matrix R (row: after training task i; column: score on task j)\n{table}")
+    print(f"\n{args.method}: average {results['average']:.3f}  forgetting {results['forgetting']:.3f}  "
+          f"bwt {results['bwt']:+.3f}  ({results['wall_time_s']:.0f} s)  -> {args.out / 'results.json'}")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
+    with errors_in_one_line(args):
+        tasks = check_inputs(args)
+        if args.analyze:
+            return analyze_pairs(args, tasks)
+        if args.method != "all":
+            return run_method(args, tasks)
+        all_results = []
+        for method in ALL_METHODS:
+            print(f"\n======== {method} ========")
+            all_results.append(run_method(argparse.Namespace(**{**vars(args), "method": method,
+                                                                "out": args.out / method}), tasks))
+        compare(all_results, args.out)
+        return all_results
+
+
+# ================================================================ PART 2: SUPPORT
+# Below the fence: what a real tool needs and the paper does not, in the order a run meets it.
+
+# ---------------------------------------------------------------- flags
 class InputError(Exception):
     """A problem the user can fix (a flag, a data file, a model name): reported in one line, no traceback."""
 
@@ -186,13 +807,56 @@ def pick_device(requested=None):
     return torch.device("cpu")
 
 
-# ---------------------------------------------------------------- data
-def load_split(data_dir, name, split, image_root=None):
-    """Read one split of a task folder in LLaVA's format into (image path, question, answer) records.
+def pick_dtype(args, device):
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
-    Only the first human/gpt exchange of each conversation is used: the benchmark tasks are single-turn.
-    """
-    path = data_dir / name / f"{split}.json"
+
+# ---------------------------------------------------------------- input checks: one line naming the file or flag
+def check_inputs(args):
+    """Everything a user can get wrong, checked before any training: the data, the flags that depend on
+    it, and earlier results in --out that a run would replace. Returns the tasks, loaded."""
+    data_dir = Path(args.data)
+    args.tasks = args.tasks or default_task_names(data_dir)
+    if not args.tasks:
+        raise InputError(f"--data {data_dir}: no task folders in it (folders holding train.json and test.json)")
+    tasks = load_tasks(data_dir, args.tasks, args.max_train, args.max_test, args.image_root)
+    smallest = min(args.tasks, key=lambda name: len(tasks[name]["train"]))
+    if args.method in ["replay", "all"] and args.replay_size > len(tasks[smallest]["train"]):
+        raise InputError(f"--replay-size {args.replay_size} is more than the {len(tasks[smallest]['train'])} "
+                         f"training examples of task {smallest!r}")
+    for flag, (method, _) in VARIANTS.items():
+        if getattr(args, flag) and not args.analyze and args.method not in [method, "all"]:
+            raise InputError(f"--{flag.replace('_', '-')} is a variant of {method}: use it with --method {method} "
+                             "or all")
+    outs = [args.out / method for method in ALL_METHODS] if args.method == "all" else [args.out]
+    for out in outs:
+        earlier = [out / f for f in ["results.json", "progress.json", "pairs.json"]]
+        if not (args.resume or args.overwrite) and any(f.exists() for f in earlier):
+            raise InputError(f"--out {out} holds an earlier run: add --resume to continue it, --overwrite to "
+                             "replace it, or choose another --out")
+        if args.overwrite:
+            remove_checkpoints(out)
+    return tasks
+
+
+def default_task_names(data_dir):
+    if not data_dir.is_dir():
+        raise InputError(f"--data {data_dir}: no such folder")
+    names = sorted(p.name for p in data_dir.iterdir() if (p / "train.json").is_file())
+    return [n for n in TASK_ORDER if n in names] + [n for n in names if n not in TASK_ORDER]
+
+
+def check_task_folders(data_dir, names):
+    for name in names:
+        if not (data_dir / name).is_dir():
+            raise InputError(f"--tasks: no task folder {name!r} in {data_dir} "
+                             f"(there: {', '.join(default_task_names(data_dir)) or 'none'})")
+
+
+def read_records(path):
+    """A task file's JSON list of records, or an InputError naming the file (and line and column) and the problem."""
     if not path.is_file():
         raise InputError(f"{path}: missing (a task folder holds train.json and test.json)")
     try:
@@ -203,13 +867,11 @@ def load_split(data_dir, name, split, image_root=None):
         raise InputError(f"{path}: not UTF-8 text") from None
     if not isinstance(records, list) or not records:
         raise InputError(f"{path}: expected a non-empty list of LLaVA records")
-    # Images resolve against the task folder (or --image-root) and must stay inside --data (or --image-root).
-    image_dir, allowed = (Path(image_root), Path(image_root)) if image_root else (data_dir / name, data_dir)
-    return [example_from(record, f"{path}: record {index}", image_dir, allowed) for index, record in enumerate(records)]
+    return records
 
 
-def example_from(record, where, image_dir, allowed):
-    """One record as {image, question, answer}, or an InputError saying which record and what is wrong."""
+def check_record(record, where):
+    """That a record has an image and a human and a gpt turn with a non-empty answer; returns where, with its id."""
     if not isinstance(record, dict) or not isinstance(record.get("image"), str):
         raise InputError(f"{where} has no 'image'")
     where += f" (id {record['id']})" if "id" in record else ""
@@ -222,117 +884,57 @@ def example_from(record, where, image_dir, allowed):
         raise InputError(f"{where} needs a 'human' and a 'gpt' turn with a 'value'")
     if not answer.strip():
         raise InputError(f"{where} has an empty 'gpt' answer")
-    # A lexical check (no symlinks followed): a data file may not point at any file on the machine
-    # ('../../.ssh/id_rsa', '/etc/passwd'), while folders the user links in stay usable.
+    return where
+
+
+def image_path(record, where, image_dir, allowed):
+    """The record's image as an absolute path, if it exists and lies inside `allowed` (--data or --image-root).
+
+    A lexical check (no symlinks followed): a data file may not point at any file on the machine
+    ('../../.ssh/id_rsa', '/etc/passwd'), while folders the user links in stay usable.
+    """
     image = os.path.abspath(image_dir / record["image"])
     if not Path(image).is_relative_to(os.path.abspath(allowed)):
         raise InputError(f"{where}: image {record['image']!r} is outside {allowed}: refused")
     if not os.path.isfile(image):
         raise InputError(f"{where}: image {image} not found")
-    return {"image": image, "question": question.replace("<image>", "").strip(), "answer": answer.strip()}
+    return image
 
 
-def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None):
-    for name in names:
-        if not (data_dir / name).is_dir():
-            raise InputError(f"--tasks: no task folder {name!r} in {data_dir} "
-                             f"(there: {', '.join(default_task_names(data_dir)) or 'none'})")
-    return {name: {"train": load_split(data_dir, name, "train", image_root)[:max_train],
-                   "test": load_split(data_dir, name, "test", image_root)[:max_test]} for name in names}
-
-
-def default_task_names(data_dir):
-    if not data_dir.is_dir():
-        raise InputError(f"--data {data_dir}: no such folder")
-    names = sorted(p.name for p in data_dir.iterdir() if (p / "train.json").is_file())
-    return [n for n in TASK_ORDER if n in names] + [n for n in names if n not in TASK_ORDER]
-
-
-def chat(question, answer=None):
-    """A LLaVA record as chat messages, so that each model's own chat template builds the prompt."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return messages
-
-
-def open_images(examples):
-    return [open_image(e["image"]) for e in examples]
-
-
-def open_image(path):
-    """An RGB picture; Pillow's decompression-bomb limit stays on, so an absurdly large image is refused."""
+@contextmanager
+def model_loading_errors(name):
+    """A model that cannot be found or is not an image-text-to-text model ends in one line saying which."""
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).is_file() for f in ["config.json", "adapter_config.json"]):
+        raise InputError(f"--model {name}: the folder has no config.json, so it is not a Hugging Face model folder")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise InputError(f"{path}: not a readable image ({error})") from None
+        yield
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise InputError(f"cannot load --model {name}: tried a local folder and the Hugging Face hub "
+                         f"({first_line}). Check the name, or download it while online and pass its folder.") from None
+    except ValueError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise InputError(f"--model {name} is not an image-text-to-text model that transformers can load: "
+                         f"{first_line}") from None
 
 
-def training_batch(processor, examples, device):
-    """Tokenize prompt + answer; labels are the answer tokens only (prompt and image tokens are -100)."""
-    images = open_images(examples)
-    prompts = [processor.apply_chat_template(chat(e["question"]), add_generation_prompt=True) for e in examples]
-    full = [processor.apply_chat_template(chat(e["question"], e["answer"])) for e in examples]
-    processor.tokenizer.padding_side = "right"
-    batch = processor(images=images, text=full, padding=True, return_tensors="pt")
-    # Prompts go through the processor with their images too, so each <image> expands exactly as in the full
-    # text and the mask ends where the answer begins, for any model's image-token scheme.
-    prompt_lengths = [len(ids) for ids in processor(images=images, text=prompts)["input_ids"]]
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    for row, length in enumerate(prompt_lengths):
-        labels[row, :length] = -100
-    batch["labels"] = labels
-    return batch.to(device)
+@contextmanager
+def errors_in_one_line(args):
+    """An InputError ends the program in one line (a traceback with --debug); Ctrl-C keeps what is finished."""
+    try:
+        yield
+    except InputError as error:
+        if args.debug:
+            raise
+        sys.exit(f"cit.py: {error}")
+    except KeyboardInterrupt:
+        print(f"\ncit.py: interrupted; what was finished is kept in {args.out} (a run goes on with --resume)",
+              file=sys.stderr)
+        sys.exit(130)
 
 
-# ---------------------------------------------------------------- model
-def tiny_tokenizer(texts):
-    """A byte-level BPE tokenizer trained on the spot on the tiny world's text, as real LMMs' are on the web's.
-
-    Every byte stays in the vocabulary, so any text a user's data brings is covered: no unknown tokens.
-    """
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<pad>", "<s>", "</s>", "<image>"], show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-
-
-def tiny_corpus():
-    """The text the tiny tokenizer learns from: every instruction and answer in tiny_tasks, and the prompt format."""
-    texts = ["USER: ASSISTANT:"]
-    for path in sorted((HERE / "tiny_tasks").glob("**/train.json")):
-        texts += [turn["value"] for record in json.loads(path.read_text()) for turn in record["conversations"]]
-    return texts
-
-
-def tiny_model_and_processor(tokenizer):
-    """A real transformers LLaVA built from a small config with random weights: nothing is downloaded."""
-    size = TINY_VISION["image_size"]
-    # Resize to the input size without cropping, so images of any shape keep all their content.
-    image_processor = CLIPImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False)
-    # "default" drops the vision tower's CLS token: 16 patch features for 16 <image> tokens.
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=TINY_VISION["patch_size"], vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**TINY_VISION),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_TEXT),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(size // TINY_VISION["patch_size"]) ** 2,
-        vision_feature_select_strategy="default", vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, processor
-
-
+# ---------------------------------------------------------------- files: the bases' cache, checkpoints and --resume
 def files_digest(folder):
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -350,596 +952,13 @@ def base_folder(flavour, args):
     return Path(args.cache) / f"base-{flavour}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
 
 
-def tiny_base(flavour, args, device):
-    """Build the tiny base once (LLaVA's stages, in miniature) and keep it in the Hugging Face layout."""
-    folder = base_folder(flavour, args)
-    if (folder / "config.json").is_file():
-        return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
-    if flavour == "align":
-        torch.manual_seed(args.seed)
-        model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
-        model.to(device)
-    else:
-        model, processor = tiny_base("align", args, device)
-        model.to(device)
-        freeze_vision_encoder(model)
-    examples = load_split(HERE / "tiny_tasks" / "base", flavour, "train")
-    train(model, processor, examples, TINY_BASE[f"{flavour}_steps"], TINY_BASE["batch_size"], TINY_BASE["lr"],
-          random.Random(args.seed), device, desc=f"base: {flavour}")
-    # Saved beside, then renamed: a run killed while saving leaves no half-written base to load next time.
+def save_whole(model, processor, folder):
+    """Saved beside, then renamed: a run killed while saving leaves no half-written model to load next time."""
     partial = folder.with_name(folder.name + ".partial")
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
-    return tiny_base(flavour, args, device)
-
-
-def find_module(model, names):
-    """The full name of the vision encoder or the projector, whatever this model family calls it."""
-    for name, _ in model.named_modules():
-        if name.rsplit(".", 1)[-1] in names:
-            return name
-    raise InputError(f"the model has no module named any of {names}: is it an image-text-to-text model?")
-
-
-def freeze_vision_encoder(model):
-    """As in LLaVA's stage 2, the vision encoder is never tuned after pre-training."""
-    model.get_submodule(find_module(model, VISION_NAMES)).requires_grad_(False)
-
-
-def pick_dtype(args, device):
-    if args.dtype != "auto":
-        return getattr(torch, args.dtype)
-    return torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
-
-def load_pretrained(name, args, dtype):
-    """Any image-text-to-text model of transformers, from the hub or a folder, through the generic classes.
-
-    A folder that a run saved with LoRA holds an adapter: it is loaded onto the base it names and merged.
-    """
-    folder = Path(name)
-    if folder.is_dir() and not any((folder / f).is_file() for f in ["config.json", "adapter_config.json"]):
-        raise InputError(f"--model {name}: the folder has no config.json, so it is not a Hugging Face model folder")
-    try:
-        if (folder / "adapter_config.json").is_file():
-            base = PeftConfig.from_pretrained(name).base_model_name_or_path
-            model, _ = load_pretrained(base, args, dtype)
-            return PeftModel.from_pretrained(model, name).merge_and_unload(), AutoProcessor.from_pretrained(name)
-        options = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
-        return (AutoModelForImageTextToText.from_pretrained(name, **options),
-                AutoProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code))
-    except OSError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise InputError(f"cannot load --model {name}: tried a local folder and the Hugging Face hub "
-                         f"({first_line}). Check the name, or download it while online and pass its folder.") from None
-    except ValueError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise InputError(f"--model {name} is not an image-text-to-text model that transformers can load: "
-                         f"{first_line}") from None
-
-
-def load_model(args, device, checkpoint=None):
-    """The base model, ready to tune: vision encoder frozen; with --lora, LoRA on the language model.
-
-    Resuming from a checkpoint, the model is the one saved there: full weights, or the adapters put back on the base.
-    """
-    dtype = pick_dtype(args, device)
-    saved = checkpoint / "model" if checkpoint else None
-    if saved and (saved / "config.json").is_file():
-        model, processor = load_pretrained(str(saved), args, dtype)
-    elif args.model == "tiny":
-        model, processor = tiny_base(args.base, args, device)
-        model.to(dtype)
-    else:
-        model, processor = load_pretrained(args.model, args, dtype)
-    if processor.chat_template is None:  # a model without one gets LLaVA-1.5's format
-        processor.chat_template = TINY_CHAT_TEMPLATE
-    model.to(device)
-    freeze_vision_encoder(model)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    adapters = sorted(saved.glob("**/adapter_config.json")) if saved else []
-    if adapters:
-        model.requires_grad_(False)
-        # peft saves the adapter "default" at the top and any other (eproj's task0, task1, ...) in its own folder.
-        names = ["default" if a.parent == saved else a.parent.name for a in adapters]
-        model = PeftModel.from_pretrained(model, adapters[0].parent, adapter_name=names[0], is_trainable=True)
-        for adapter, name in zip(adapters[1:], names[1:]):
-            model.load_adapter(adapter.parent, adapter_name=name, is_trainable=True)
-    elif args.lora and args.method != "eproj":  # eproj makes its own adapters, one per task
-        model.requires_grad_(False)
-        torch.manual_seed(args.seed)
-        model = get_peft_model(model, lora_config(args, model))
-    return model, processor
-
-
-def lora_config(args, model):
-    """LoRA on the language model; the projector trains fully (peft keeps a trainable copy of it)."""
-    projector = find_module(model, PROJECTOR_NAMES).rsplit(".", 1)[-1]
-    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS,
-                      modules_to_save=[projector])
-
-
-# ---------------------------------------------------------------- continual-learning methods
-# A method is a few hooks around the one training loop (run_sequence), each optional:
-#   prepare(state, model) -> model        once, before the first task
-#   before_task(state, model, examples)   before training a task
-#   extra_loss(state, model, batch, out)  a term added to the task's loss at every step
-#   mix_batch(state, examples, rng)       what a training batch holds
-#   after_task(state, model, examples)    after training a task
-#   answer(state, model, examples, j)     how task j's test questions are answered (default: greedy generation)
-# `state` is what the method remembers between tasks; state["args"], ["processor"], ["device"] and
-# ["task"] (the index of the current task) are filled in by the loop.
-def trainable(model):
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def snapshot(model):
-    """A copy of the trainable weights: what EWC anchors to, LwF distils from, the pair analysis goes back to."""
-    return {name: p.detach().clone() for name, p in trainable(model).items()}
-
-
-@torch.no_grad()
-def load_snapshot(model, weights):
-    for name, p in trainable(model).items():
-        p.copy_(weights[name])
-
-
-@torch.no_grad()
-def prototype_features(model, processor, examples, device):
-    """What each example looks like to the model, before any answer: its mean image feature (vision tower and
-    projector) and its instruction's mean token embedding, each of unit length.
-
-    Task similarity (the pair analysis, EWC's weighting) and eproj's routing are both built on these.
-    """
-    pixels = processor.image_processor(open_images(examples), return_tensors="pt").to(device)
-    features = model.get_image_features(**pixels).pooler_output
-    image = torch.stack([f.reshape(-1, f.shape[-1]).float().mean(0) for f in features])
-    tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
-    mask = tokens["attention_mask"].unsqueeze(-1)
-    text = ((model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)).float()
-    normalize = torch.nn.functional.normalize
-    return normalize(image, dim=-1), normalize(text, dim=-1)
-
-
-def prototype_sample(examples, seed):
-    """The 64 training examples (or all, if fewer) that stand for a task in its prototype and its eproj key."""
-    return random.Random(seed).sample(examples, min(64, len(examples)))
-
-
-def task_prototype(model, processor, examples, device, seed):
-    """A task's prototype: the mean image part and the mean instruction part over a sample of its examples."""
-    image, text = prototype_features(model, processor, prototype_sample(examples, seed), device)
-    return {"image": image.mean(0), "instruction": text.mean(0)}
-
-
-def task_similarity(prototypes):
-    """Cosine similarity between task prototypes, for the image part, the instruction part, and their mean."""
-    similarity = {}
-    for part in ["image", "instruction"]:
-        vectors = torch.nn.functional.normalize(torch.stack([p[part] for p in prototypes]), dim=-1)
-        matrix = vectors @ vectors.T
-        similarity[part] = (matrix + matrix.T) / 2  # symmetric to the last bit, whatever the matmul's order
-    similarity["combined"] = (similarity["image"] + similarity["instruction"]) / 2
-    return similarity
-
-
-def ewc_after_task(state, model, examples):
-    """Elastic Weight Consolidation (Kirkpatrick et al., 2017), online form (Schwarz et al., 2018).
-
-    The Fisher of each trainable weight is estimated from squared gradients of the answer-token loss on a
-    sample of the task; it is summed over tasks, and the weights after the task become the new anchor.
-    """
-    args = state["args"]
-    sample = random.Random(args.seed + state["task"]).sample(examples, min(args.ewc_samples, len(examples)))
-    params = trainable(model)
-    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
-    model.train()
-    for start in range(0, len(sample), args.batch_size):
-        chunk = sample[start:start + args.batch_size]
-        model.zero_grad(set_to_none=True)
-        model(**training_batch(state["processor"], chunk, state["device"])).loss.backward()
-        for name, p in params.items():
-            if p.grad is not None:  # a weight the loss does not reach has zero Fisher
-                fisher[name] += p.grad.detach() ** 2 * len(chunk) / len(sample)
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    if args.similarity_weighted:  # kept per task, to be weighed afresh for each new task
-        state.setdefault("fishers", []).append(fisher)
-    else:
-        previous = state.get("fisher", {})
-        state["fisher"] = {name: f + previous.get(name, 0) for name, f in fisher.items()}
-    state["anchor"] = snapshot(model)
-
-
-def ewc_prepare(state, model):
-    """With --similarity-weighted, keep the base's trainable weights: task prototypes are taken with them."""
-    if state["args"].similarity_weighted:
-        state["base"] = snapshot(model)
-    return model
-
-
-def ewc_weigh_by_similarity(state, model, examples):
-    """--similarity-weighted: each old task's Fisher is scaled by its similarity to the new task, as a
-    prediction of how much the new task will make it forget; the weights average 1, so --ewc-lambda keeps
-    its total strength and is only shifted towards the old tasks most like the new one.
-
-    Why this direction: a new task that looks like an old one (same kind of images and instructions) reaches
-    the same weights, so it is the one that can overwrite them; the pair analysis (--analyze pairs) measures
-    how well this holds (on the tiny tasks: weakly, see the README). Similarity is combined (image and
-    instruction) cosine between prototypes taken with the base's weights, so no pair training is needed.
-    """
-    if not state["args"].similarity_weighted:
-        return
-    current = snapshot(model)
-    load_snapshot(model, state["base"])
-    state.setdefault("prototypes", []).append(
-        task_prototype(model, state["processor"], examples, state["device"], state["args"].seed))
-    load_snapshot(model, current)
-    if state["task"] == 0:
-        return
-    # The new task's row against the old ones; the floor keeps some protection for every old task.
-    similarity = task_similarity(state["prototypes"])["combined"][-1, :-1].clamp(min=0.05)
-    weights = (similarity / similarity.mean()).tolist()
-    state.setdefault("similarity_weights", {})[state["task"]] = weights
-    state["fisher"] = {name: sum(w * f[name] for w, f in zip(weights, state["fishers"])) for name in current}
-
-
-def ewc_penalty(state, model, batch, outputs):
-    """lambda/2 * sum F (theta - theta_old)^2 over the trainable weights: zero at the anchor, quadratic away."""
-    if "fisher" not in state:
-        return 0.0
-    penalty = sum((state["fisher"][name] * (p - state["anchor"][name]) ** 2).sum()
-                  for name, p in trainable(model).items())
-    return state["args"].ewc_lambda / 2 * penalty
-
-
-def lwf_before_task(state, model, examples):
-    """Learning without Forgetting (Li & Hoiem, 2016).
-
-    The old model is this network run with the trainable weights it had before the task
-    (torch.func.functional_call), so the frozen copy costs only the trainable parameters.
-    """
-    if state["task"] > 0:
-        state["old"] = snapshot(model)
-
-
-def lwf_distillation(state, model, batch, outputs):
-    """KL(old || new) at temperature T between next-token distributions on the new task's answer positions."""
-    if "old" not in state:
-        return 0.0
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
-        old_logits = torch.func.functional_call(model, state["old"], args=(), kwargs=inputs).logits
-    answer = batch["labels"][:, 1:] != -100  # logits at position t predict token t+1
-    T = state["args"].lwf_temperature
-    new = torch.log_softmax(outputs.logits[:, :-1][answer] / T, dim=-1)
-    old = torch.log_softmax(old_logits[:, :-1][answer] / T, dim=-1)
-    kl = torch.nn.functional.kl_div(new, old, log_target=True, reduction="batchmean")
-    return state["args"].lwf_alpha * T * T * kl
-
-
-def replay_after_task(state, model, examples):
-    """Experience replay (e.g. Chaudhry et al., 2019): keep a few training examples of each finished task.
-
-    The buffer holds data (image path, instruction, answer), as the paper's replay does, not model outputs.
-    """
-    args = state["args"]
-    kept = random.Random(args.seed + state["task"]).sample(examples, args.replay_size)
-    state.setdefault("buffer", []).extend(kept)
-
-
-def replay_mix(state, examples, rng):
-    """Swap a fixed share of each batch (--replay-ratio) for examples drawn from the buffer."""
-    buffer = state.get("buffer", [])
-    k = min(round(len(examples) * state["args"].replay_ratio), len(buffer))
-    return rng.sample(buffer, k) + examples[k:]
-
-
-def eproj_prepare(state, model):
-    """Expansion, after the paper's expanded projection (EProj): the shared weights of the base stay frozen.
-
-    Each task gets its own LoRA adapter on the language model and its own copy of the projector, side by
-    side through peft's named adapters (modules_to_save copies the projector per adapter).
-    """
-    model.requires_grad_(False)
-    return get_peft_model(model, lora_config(state["args"], model), adapter_name="task0")
-
-
-def eproj_before_task(state, model, examples):
-    """Only the new task's adapter and projector train, so nothing an earlier task learned can change."""
-    name = f"task{state['task']}"
-    if name not in model.peft_config:
-        model.add_adapter(name, lora_config(state["args"], model))
-        if state["args"].similarity_init and state["task"] > 0:
-            eproj_start_from_most_similar(state, model, examples, name)
-    model.set_adapter(name)
-    for param_name, p in model.named_parameters():
-        p.requires_grad = f".{name}." in param_name
-
-
-def routing_features(state, model, examples):
-    """What the router sees: prototype_features of the base model, joined into one unit vector per example.
-
-    Adapters are switched off, so the features come from the frozen shared weights and never drift.
-    """
-    with model.disable_adapter():
-        image, text = prototype_features(model, state["processor"], examples, state["device"])
-    return torch.nn.functional.normalize(torch.cat([image, text], -1), dim=-1)
-
-
-def eproj_key(state, model, examples):
-    """A task's key: the mean routing feature of (a sample of) its training examples."""
-    sample = prototype_sample(examples, state["args"].seed)
-    return torch.nn.functional.normalize(routing_features(state, model, sample).mean(0), dim=0)
-
-
-def eproj_after_task(state, model, examples):
-    state.setdefault("keys", []).append(eproj_key(state, model, examples))
-
-
-@torch.no_grad()
-def eproj_start_from_most_similar(state, model, examples, name):
-    """--similarity-init: the new adapter and projector start as copies of those of the earlier task whose key
-    is nearest to the new task's, instead of the base's (LoRA's B = 0), to transfer what the two share."""
-    source = int((torch.stack(state["keys"]) @ eproj_key(state, model, examples)).argmax())
-    state.setdefault("started_from", {})[state["task"]] = source
-    params = dict(model.named_parameters())
-    for param_name, p in params.items():
-        if f".{name}." in param_name:
-            p.copy_(params[param_name.replace(f".{name}.", f".task{source}.")])
-
-
-def eproj_answer(state, model, examples, true_task):
-    """Route each question to the seen task with the nearest key (cosine); answer with that task's parameters.
-
-    The task is not given at test time; --oracle-task gives it, for comparison (unseen tasks still route).
-    """
-    if state["args"].oracle_task and true_task <= state["task"]:
-        routes = [true_task] * len(examples)
-    else:
-        routes = (routing_features(state, model, examples) @ torch.stack(state["keys"]).T).argmax(-1).tolist()
-    if true_task <= state["task"]:
-        state.setdefault("routing", {})[true_task] = sum(r == true_task for r in routes) / len(routes)
-    answers = [""] * len(examples)
-    for task in sorted(set(routes)):
-        chosen = [i for i, r in enumerate(routes) if r == task]
-        model.set_adapter(f"task{task}")
-        for i, answer in zip(chosen, generate(model, state["processor"], [examples[i] for i in chosen],
-                                              state["args"], state["device"])):
-            answers[i] = answer
-    model.set_adapter(f"task{state['task']}")
-    return answers
-
-
-METHODS = {
-    "finetune": {},
-    "ewc": {"prepare": ewc_prepare, "before_task": ewc_weigh_by_similarity, "after_task": ewc_after_task,
-            "extra_loss": ewc_penalty},
-    "lwf": {"before_task": lwf_before_task, "extra_loss": lwf_distillation},
-    "replay": {"after_task": replay_after_task, "mix_batch": replay_mix},
-    "eproj": {"prepare": eproj_prepare, "before_task": eproj_before_task, "after_task": eproj_after_task,
-              "answer": eproj_answer},
-}
-
-
-# ---------------------------------------------------------------- training loop
-def train(model, processor, examples, steps, batch_size, lr, rng, device, desc, method=None, state=None,
-          grad_accum=1):
-    """AdamW on the answer-token loss; a method may change what a batch holds and add a term to the loss."""
-    method = method or {}
-    model.train()
-    optimizer = torch.optim.AdamW(trainable(model).values(), lr=lr)
-    # LLaVA's schedule: a short warm-up, then cosine decay to zero by the end of the task.
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1, disable=None)
-    for _ in progress:
-        for _ in range(grad_accum):  # micro-batches whose gradients add up to one batch
-            chosen = rng.sample(examples, min(batch_size, len(examples)))
-            if "mix_batch" in method:
-                chosen = method["mix_batch"](state, chosen, rng)
-            batch = training_batch(processor, chosen, device)
-            outputs = model(**batch)
-            loss = outputs.loss
-            if "extra_loss" in method:
-                loss = loss + method["extra_loss"](state, model, batch, outputs)
-            (loss / grad_accum).backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-
-
-def run_sequence(model, processor, tasks, args, device, method, checkpoint=None):
-    """Train the tasks one after another; after each, score every task: row i of the accuracy matrix R.
-
-    From a checkpoint, the tasks it finished are skipped: their rows, the method's state and the random
-    generators come back as they were, so the run goes on as if it had never stopped.
-    """
-    state = {"args": args, "processor": processor, "device": device, "task": 0}
-    rng = random.Random(args.seed)
-    matrix = []
-    if checkpoint:
-        matrix = restore_checkpoint(checkpoint, state, rng)
-    elif "prepare" in method:
-        model = method["prepare"](state, model)
-    answer = None
-    if "answer" in method:
-        answer = lambda examples, j: method["answer"](state, model, examples, j)  # noqa: E731
-    names = list(tasks)
-    for i, name in enumerate(names[len(matrix):], start=len(matrix)):
-        state["task"] = i
-        examples = tasks[name]["train"]
-        if "before_task" in method:
-            method["before_task"](state, model, examples)
-        train(model, processor, examples, args.steps, args.batch_size, args.lr, rng, device,
-              f"task {i + 1}/{len(names)}: {name}", method, state, args.grad_accum)
-        if "after_task" in method:
-            method["after_task"](state, model, examples)
-        matrix.append(evaluate_all(model, processor, tasks, args, device, f"after {name}", answer))
-        save_checkpoint(args, model, processor, state, rng, names, matrix)
-    return matrix, model, state
-
-
-# What the loop itself puts in a method's state; everything else is the method's memory, kept in checkpoints.
-LOOP_STATE = ["args", "processor", "device", "task"]
-
-
-def save_checkpoint(args, model, processor, state, rng, names, matrix):
-    """After each task, what the run needs to go on: weights (safetensors), the method's memory and the
-    random generators (torch.save of tensors and plain values, read back with weights_only=True), the rows.
-
-    progress.json is renamed into place last and names the checkpoint: it only ever points at a complete one.
-    """
-    folder = args.out / f"checkpoint-{len(matrix)}"
-    shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while saving
-    model.save_pretrained(folder / "model")
-    processor.save_pretrained(folder / "model")
-    memory = {key: value for key, value in state.items() if key not in LOOP_STATE}
-    torch.save({"memory": memory, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, folder / "state.pt")
-    write_json(args.out / "progress.json", {"tasks": names, "matrix": matrix, "checkpoint": folder.name,
-                                            "config": vars(args)})
-    for old in args.out.glob("checkpoint-*"):
-        if old != folder:
-            shutil.rmtree(old)
-
-
-def restore_checkpoint(checkpoint, state, rng):
-    """The method's memory and the random generators as save_checkpoint left them; the rows so far."""
-    saved = torch.load(checkpoint / "state.pt", map_location=state["device"], weights_only=True)
-    state.update(saved["memory"])
-    rng.setstate(saved["rng"])
-    torch.set_rng_state(saved["torch_rng"].cpu())
-    return json.loads((checkpoint.parent / "progress.json").read_text())["matrix"]
-
-
-def find_checkpoint(args, names):
-    """The checkpoint that --resume continues from, after checking that it is a run of the same kind."""
-    progress = args.out / "progress.json"
-    saved = json.loads(progress.read_text()) if progress.is_file() else {}
-    if not (args.out / saved.get("checkpoint", "none") / "state.pt").is_file():
-        print(f"--resume: no finished task in {args.out}: starting from the first one")
-        return None
-    before, now = {**saved["config"], "tasks": saved["tasks"]}, {**vars(args), "tasks": names}
-    different = [key for key in ["method", "tasks", "model", "base", "lora", "lora_rank", "seed"]
-                 if before.get(key) != now[key]]
-    if different:
-        raise InputError(f"--resume: {args.out} holds a run with other {', '.join(different)}: "
-                         "give the same flags, or another --out")
-    print(f"--resume: continuing {args.out} after task {len(saved['matrix'])} of {len(names)}")
-    return args.out / saved["checkpoint"]
-
-
-def run_joint(model, processor, tasks, args, device, method):
-    """The upper bound: one model trained on all tasks mixed, for the same total number of steps."""
-    mixed = [example for task in tasks.values() for example in task["train"]]
-    train(model, processor, mixed, args.steps * len(tasks), args.batch_size, args.lr, random.Random(args.seed),
-          device, "joint: all tasks", grad_accum=args.grad_accum)
-    matrix = [evaluate_all(model, processor, tasks, args, device, "after joint training")]
-    write_json(args.out / "progress.json", {"tasks": list(tasks), "matrix": matrix})
-    return matrix, model, {}
-
-
-# ---------------------------------------------------------------- evaluation and metrics
-def normalize(text):
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def exact_match(predictions, references):
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)
-
-
-def bleu4(predictions, references):
-    """Corpus BLEU-4 (Papineni et al., 2002) with one reference per example, on normalized words."""
-    matched, total = [0] * 4, [0] * 4
-    prediction_length = reference_length = 0
-    for prediction, reference in zip(predictions, references):
-        p, r = normalize(prediction).split(), normalize(reference).split()
-        prediction_length, reference_length = prediction_length + len(p), reference_length + len(r)
-        for n in range(1, 5):
-            p_grams = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
-            r_grams = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            matched[n - 1] += sum((p_grams & r_grams).values())
-            total[n - 1] += max(len(p) - n + 1, 0)
-    if min(matched) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matched, total)) / 4
-    brevity = min(0.0, 1 - reference_length / prediction_length)
-    return math.exp(log_precision + brevity)
-
-
-def metric_for(examples):
-    """Captions (answers of four words or more on average) are scored by BLEU-4, short answers by exact match."""
-    mean_words = sum(len(e["answer"].split()) for e in examples) / len(examples)
-    return bleu4 if mean_words >= 4 else exact_match
-
-
-@torch.no_grad()
-def generate(model, processor, examples, args, device):
-    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
-    answers = []
-    processor.tokenizer.padding_side = "left"
-    for start in range(0, len(examples), args.eval_batch_size):
-        chunk = examples[start:start + args.eval_batch_size]
-        prompts = [processor.apply_chat_template(chat(e["question"]), add_generation_prompt=True) for e in chunk]
-        batch = processor(images=open_images(chunk), text=prompts, padding=True, return_tensors="pt").to(device)
-        output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
-        answers += processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
-
-
-def evaluate_all(model, processor, tasks, args, device, title, answer=None):
-    """Score every task, seen or not, and print a few answers so the forgetting can be seen, not just counted."""
-    model.eval()
-    scores = []
-    print(f"\n{title}:")
-    for j, (name, task) in enumerate(tasks.items()):
-        examples = task["test"]
-        predictions = answer(examples, j) if answer else generate(model, processor, examples, args, device)
-        scores.append(metric_for(examples)(predictions, [e["answer"] for e in examples]))
-        print(f"  {name:<12} {scores[-1]:.2f}")
-        for example, prediction in list(zip(examples, predictions))[:args.show]:
-            question = example["question"].splitlines()[0]
-            print(f"      Q: {question}  A: {prediction!r}  (expected {example['answer']!r})")
-    return scores
-
-
-def summarize(matrix):
-    """Average accuracy, backward transfer and forgetting of an accuracy matrix R (rows: after task i)."""
-    final, T = matrix[-1], len(matrix)
-    average = sum(final) / len(final)
-    if T == 1:
-        return {"average": average, "forgetting": 0.0, "bwt": 0.0}
-    bwt = sum(final[j] - matrix[j][j] for j in range(T - 1)) / (T - 1)
-    forgetting = sum(max(matrix[l][j] for l in range(j, T - 1)) - final[j] for j in range(T - 1)) / (T - 1)
-    return {"average": average, "forgetting": forgetting, "bwt": bwt}
-
-
-def format_table(rows, row_names, column_names, corner, digits=2):
-    """A matrix as aligned text; an empty cell (None: a task paired with itself) shows as '-'."""
-    width = max(8, digits + 6, *map(len, column_names)) + 1
-    lines = [corner.ljust(width) + "".join(n.rjust(width) for n in column_names)]
-    lines += [f"{r:<{width}}" + "".join("-".rjust(width) if v is None else f"{v:{width}.{digits}f}" for v in row)
-              for r, row in zip(row_names, rows)]
-    return "\n".join(lines)
-
-
-def format_matrix(matrix, names):
-    return format_table(matrix, names if len(matrix) == len(names) else ["joint"], names, "after \\ on")
-
-
-def spearman(xs, ys):
-    """Spearman's rank correlation: Pearson's correlation of the ranks, tied values sharing their mean rank."""
-    def ranks(values):
-        return [sum(v < x for v in values) + (sum(v == x for v in values) - 1) / 2 for x in values]
-    rx, ry = torch.tensor(ranks(xs)), torch.tensor(ranks(ys))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = (rx.norm() * ry.norm()).item()
-    return (rx @ ry).item() / denominator if denominator > 0 else None  # None: one side has no ranking at all
 
 
 def write_json(path, data):
@@ -950,41 +969,85 @@ def write_json(path, data):
     os.replace(temporary, path)
 
 
-# ---------------------------------------------------------------- main
-def run_method(args, tasks):
-    """One continual run of args.method: the accuracy matrix, its metrics, written to <out>/results.json."""
-    started = time.time()
-    if args.resume and (args.out / "results.json").is_file():
-        print(f"--resume: {args.method} had finished: {args.out / 'results.json'}")
-        return json.loads((args.out / "results.json").read_text())
-    if args.overwrite:
-        for old in args.out.glob("checkpoint-*"):
+# What the loop itself puts in a method's state; everything else is the method's memory, kept in checkpoints.
+LOOP_STATE = ["args", "processor", "device", "task"]
+
+
+def save_checkpoint(state, model, rng, task_names, matrix):
+    """After each task, what the run needs to go on: weights (safetensors), the method's memory and the
+    random generators (torch.save of tensors and plain values, read back with weights_only=True), the rows.
+
+    progress.json is renamed into place last and names the checkpoint: it only ever points at a complete one.
+    """
+    args = state["args"]
+    folder = args.out / f"checkpoint-{len(matrix)}"
+    shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while saving
+    model.save_pretrained(folder / "model")
+    state["processor"].save_pretrained(folder / "model")
+    memory = {key: value for key, value in state.items() if key not in LOOP_STATE}
+    torch.save({"memory": memory, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, folder / "state.pt")
+    write_json(args.out / "progress.json", {"tasks": task_names, "matrix": matrix, "checkpoint": folder.name,
+                                            "config": vars(args)})
+    remove_checkpoints(args.out, keep=folder)
+
+
+def remove_checkpoints(out, keep=None):
+    for old in out.glob("checkpoint-*"):
+        if old != keep:
             shutil.rmtree(old)
-    names = list(tasks)
-    checkpoint = find_checkpoint(args, names) if args.resume and args.method != "joint" else None
-    device = pick_device(args.device)
-    model, processor = load_model(args, device, checkpoint)
-    torch.manual_seed(args.seed)  # after loading: building a base on the first run must not shift what follows
-    method = METHODS.get(args.method, {})
-    if args.method == "joint":
-        matrix, model, state = run_joint(model, processor, tasks, args, device, method)
-    else:
-        matrix, model, state = run_sequence(model, processor, tasks, args, device, method, checkpoint)
-    # The Hugging Face layout; with LoRA only the adapter(s), which name the base model they go on.
-    model.save_pretrained(args.out / "model")
-    processor.save_pretrained(args.out / "model")
-    results = {"method": args.method, "tasks": names, "matrix": matrix, **summarize(matrix)}
-    if "routing" in state:
-        results["routing_accuracy"] = sum(state["routing"].values()) / len(state["routing"])
-    results.update({key: state[key] for key in ["similarity_weights", "started_from"] if key in state})
-    results.update(wall_time_s=round(time.time() - started, 1), config=vars(args))
-    write_json(args.out / "results.json", results)
-    for finished in args.out.glob("checkpoint-*"):  # <out>/model now holds the same weights
-        shutil.rmtree(finished)
-    print(f"\naccuracy matrix R (row: after training task i; column: score on task j)\n{format_matrix(matrix, names)}")
-    print(f"\n{args.method}: average {results['average']:.3f}  forgetting {results['forgetting']:.3f}  "
-          f"bwt {results['bwt']:+.3f}  ({results['wall_time_s']:.0f} s)  -> {args.out / 'results.json'}")
-    return results
+
+
+def resume_run(args, device, hooks):
+    """--resume, one step before the loop (nanoGPT's init_from='resume'): the model, the method's memory and the
+    random generators as the last checkpoint left them, and its rows; with no finished task, a fresh start."""
+    checkpoint = find_checkpoint(args)
+    if checkpoint is None:
+        return start_run(args, device, hooks)
+    saved = checkpoint / "model"
+    adapters = sorted(saved.glob("**/adapter_config.json"))
+    if adapters:  # LoRA or eproj: the adapters go back onto the base
+        model, processor = load_model(args, device)
+        model.requires_grad_(False)
+        # peft saves the adapter "default" at the top and any other (eproj's task0, task1, ...) in its own folder.
+        names = ["default" if a.parent == saved else a.parent.name for a in adapters]
+        model = PeftModel.from_pretrained(model, adapters[0].parent, adapter_name=names[0], is_trainable=True)
+        for adapter, name in zip(adapters[1:], names[1:]):
+            model.load_adapter(adapter.parent, adapter_name=name, is_trainable=True)
+    else:  # full weights: the checkpoint is a model folder of its own
+        model, processor = load_model(argparse.Namespace(**{**vars(args), "model": str(saved)}), device)
+    saved_state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
+    state = {"args": args, "processor": processor, "device": device, "task": 0, **saved_state["memory"]}
+    rng = random.Random()
+    rng.setstate(saved_state["rng"])
+    torch.set_rng_state(saved_state["torch_rng"].cpu())
+    return model, state, rng, json.loads((args.out / "progress.json").read_text())["matrix"]
+
+
+def find_checkpoint(args):
+    """The checkpoint that --resume continues from, after checking that it is a run of the same kind."""
+    progress = args.out / "progress.json"
+    saved = json.loads(progress.read_text()) if progress.is_file() else {}
+    if not (args.out / saved.get("checkpoint", "none") / "state.pt").is_file():
+        print(f"--resume: no finished task in {args.out}: starting from the first one")
+        return None
+    before, now = {**saved["config"], "tasks": saved["tasks"]}, vars(args)
+    different = [key for key in ["method", "tasks", "model", "base", "lora", "lora_rank", "seed"]
+                 if before.get(key) != now[key]]
+    if different:
+        raise InputError(f"--resume: {args.out} holds a run with other {', '.join(different)}: "
+                         "give the same flags, or another --out")
+    print(f"--resume: continuing {args.out} after task {len(saved['matrix'])} of {len(args.tasks)}")
+    return args.out / saved["checkpoint"]
+
+
+# ---------------------------------------------------------------- tables and pictures
+def format_table(rows, row_names, column_names, corner, digits=2):
+    """A matrix as aligned text; an empty cell (None: a task paired with itself) shows as '-'."""
+    width = max(8, digits + 6, *map(len, column_names)) + 1
+    lines = [corner.ljust(width) + "".join(n.rjust(width) for n in column_names)]
+    lines += [f"{r:<{width}}" + "".join("-".rjust(width) if v is None else f"{v:{width}.{digits}f}" for v in row)
+              for r, row in zip(row_names, rows)]
+    return "\n".join(lines)
 
 
 def compare(all_results, out):
@@ -1036,12 +1099,28 @@ def draw_matrices(all_results, path, cell=30):
         draw.text((x0 + ROW_LABELS, 22), f"avg {result['average']:.2f}  forgetting {result['forgetting']:.2f}",
                   fill="black", font=font)
         draw.text((x0 + 4, 22), "after \\ on", fill="gray", font=font)
-        rows = names if len(result["matrix"]) > 1 else ["joint"]
-        draw_heatmap(draw, x0, top, result["matrix"], rows, names, cell=cell)
+        draw_heatmap(draw, x0, top, result["matrix"], result["rows"], names, cell=cell)
     picture.save(path)
 
 
 # ---------------------------------------------------------------- task pairs: does similarity predict forgetting?
+def task_prototype(model, processor, examples, device, seed):
+    """A task's prototype: the mean image part and the mean instruction part over a sample of its examples."""
+    image, text = prototype_features(model, processor, prototype_sample(examples, seed), device)
+    return {"image": image.mean(0), "instruction": text.mean(0)}
+
+
+def task_similarity(prototypes):
+    """Cosine similarity between task prototypes, for the image part, the instruction part, and their mean."""
+    similarity = {}
+    for part in ["image", "instruction"]:
+        vectors = F.normalize(torch.stack([p[part] for p in prototypes]), dim=-1)
+        matrix = vectors @ vectors.T
+        similarity[part] = (matrix + matrix.T) / 2  # symmetric to the last bit, whatever the matmul's order
+    similarity["combined"] = (similarity["image"] + similarity["instruction"]) / 2
+    return similarity
+
+
 def analyze_pairs(args, tasks):
     """The paper's task-pair study, with plain fine-tuning. From the base, train each task A (its weights kept
     in memory), then from there each other task B, and score both:
@@ -1050,30 +1129,30 @@ def analyze_pairs(args, tasks):
     and compare with the similarity of the tasks' prototypes, taken from the base before any training.
     """
     started = time.time()
+    args = argparse.Namespace(**{**vars(args), "method": "finetune"})
     device = pick_device(args.device)
-    model, processor = load_model(args, device)
-    names = list(tasks)
+    model, state, _, _ = start_run(args, device, method_hooks(args))
+    processor, names = state["processor"], list(tasks)
     prototypes = [task_prototype(model, processor, tasks[name]["train"], device, args.seed) for name in names]
     similarity = {part: matrix.tolist() for part, matrix in task_similarity(prototypes).items()}
     base = snapshot(model)
 
-    def tune(start, name, title):
+    def tune(weights, name, title):
         """Train one task from the given weights, each time with the same seeds: only the start differs."""
-        load_snapshot(model, start)
+        load_snapshot(model, weights)
         torch.manual_seed(args.seed)
-        train(model, processor, tasks[name]["train"], args.steps, args.batch_size, args.lr, random.Random(args.seed),
-              device, title, grad_accum=args.grad_accum)
+        train(model, processor, tasks[name]["train"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+              rng=random.Random(args.seed), device=device, desc=title, grad_accum=args.grad_accum)
 
     single, pair_scores = {}, {}
     for first in names:
         tune(base, first, f"{first} alone")
-        single[first] = evaluate_all(model, processor, {first: tasks[first]}, args, device, f"after {first}")[0]
+        single[first] = evaluate_all(state, model, {first: tasks[first]}, f"after {first}")[0]
         after_first = snapshot(model)
         for second in [n for n in names if n != first]:
             tune(after_first, second, f"{first} then {second}")
             pair_scores.setdefault(first, {})[second] = evaluate_all(
-                model, processor, {first: tasks[first], second: tasks[second]}, args, device,
-                f"after {first} then {second}")
+                state, model, {first: tasks[first], second: tasks[second]}, f"after {first} then {second}")
     forgetting = [[None if a == b else single[a] - pair_scores[a][b][0] for b in names] for a in names]
     transfer = [[None if a == b else pair_scores[a][b][1] - single[b] for b in names] for a in names]
     report = {"tasks": names, "single": single, "pair_scores": pair_scores, "pair_forgetting": forgetting,
@@ -1085,6 +1164,16 @@ def analyze_pairs(args, tasks):
     draw_pairs(report, args.out / "pairs.png")
     print_pairs(report)
     return report
+
+
+def spearman(xs, ys):
+    """Spearman's rank correlation: Pearson's correlation of the ranks, tied values sharing their mean rank."""
+    def ranks(values):
+        return [sum(v < x for v in values) + (sum(v == x for v in values) - 1) / 2 for x in values]
+    rx, ry = torch.tensor(ranks(xs)), torch.tensor(ranks(ys))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.norm() * ry.norm()).item()
+    return (rx @ ry).item() / denominator if denominator > 0 else None  # None: one side has no ranking at all
 
 
 def off_diagonal(*matrices):
@@ -1136,51 +1225,76 @@ def draw_pairs(report, path, cell=36):
     picture.save(path)
 
 
-def check_inputs(args):
-    """Everything a user can get wrong, checked before any training: the data, the flags that depend on
-    it, and earlier results in --out that a run would replace. Returns the tasks, loaded."""
-    data_dir = Path(args.data)
-    names = args.tasks or default_task_names(data_dir)
-    if not names:
-        raise InputError(f"--data {data_dir}: no task folders in it (folders holding train.json and test.json)")
-    tasks = load_tasks(data_dir, names, args.max_train, args.max_test, args.image_root)
-    smallest = min(names, key=lambda name: len(tasks[name]["train"]))
-    if args.method in ["replay", "all"] and args.replay_size > len(tasks[smallest]["train"]):
-        raise InputError(f"--replay-size {args.replay_size} is more than the {len(tasks[smallest]['train'])} "
-                         f"training examples of task {smallest!r}")
-    outs = [args.out / method for method in ALL_METHODS] if args.method == "all" else [args.out]
-    for out in outs:
-        earlier = [out / f for f in ["results.json", "progress.json", "pairs.json"]]
-        if not (args.resume or args.overwrite) and any(f.exists() for f in earlier):
-            raise InputError(f"--out {out} holds an earlier run: add --resume to continue it, --overwrite to "
-                             "replace it, or choose another --out")
-    return tasks
+# ---------------------------------------------------------------- variants of the methods, each wired in by its flag
+def ewc_keep_fishers_for_similarity(state, model, examples):
+    """--similarity-weighted: each task's Fisher is kept apart, to be weighed afresh for every new task."""
+    state.setdefault("fishers", []).append(ewc_fisher(state, model, examples))
+    state["anchor"] = snapshot(model)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
-    try:
-        tasks = check_inputs(args)
-        if args.analyze:
-            return analyze_pairs(args, tasks)
-        if args.method != "all":
-            return run_method(args, tasks)
-        all_results = []
-        for method in ALL_METHODS:
-            print(f"\n======== {method} ========")
-            method_args = argparse.Namespace(**{**vars(args), "method": method, "out": args.out / method})
-            all_results.append(run_method(method_args, tasks))
-        compare(all_results, args.out)
-        return all_results
-    except InputError as error:
-        if args.debug:
-            raise
-        sys.exit(f"cit.py: {error}")
-    except KeyboardInterrupt:
-        print(f"\ncit.py: interrupted; what was finished is kept in {args.out} (a run goes on with --resume)",
-              file=sys.stderr)
-        sys.exit(130)
+def ewc_weigh_by_similarity(state, model, examples):
+    """--similarity-weighted: each old task's Fisher is scaled by its similarity to the new task, as a
+    prediction of how much the new task will make it forget; the weights average 1, so --ewc-lambda keeps
+    its total strength and is only shifted towards the old tasks most like the new one.
+
+    Why this direction: a new task that looks like an old one (same kind of images and instructions) reaches
+    the same weights, so it is the one that can overwrite them; the pair analysis (--analyze pairs) measures
+    how well this holds (on the tiny tasks: weakly, see the README). Similarity is combined (image and
+    instruction) cosine between prototypes taken with the base's weights, so no pair training is needed.
+    """
+    state.setdefault("base", snapshot(model))  # before the first task, the trainable weights are the base's
+    current = snapshot(model)
+    load_snapshot(model, state["base"])
+    state.setdefault("prototypes", []).append(
+        task_prototype(model, state["processor"], examples, state["device"], state["args"].seed))
+    load_snapshot(model, current)
+    if state["task"] == 0:
+        return
+    # The new task's row against the old ones; the floor keeps some protection for every old task.
+    similarity = task_similarity(state["prototypes"])["combined"][-1, :-1].clamp(min=0.05)
+    weights = (similarity / similarity.mean()).tolist()
+    state["report"].setdefault("similarity_weights", {})[state["task"]] = weights
+    state["fisher"] = {name: sum(w * f[name] for w, f in zip(weights, state["fishers"])) for name in current}
+
+
+def eproj_start_from_most_similar(state, model, examples):
+    """--similarity-init: the new adapter and projector start as copies of those of the earlier task whose key
+    is nearest to the new task's, instead of the base's (LoRA's B = 0), to transfer what the two share."""
+    eproj_before_task(state, model, examples)
+    if state["task"] == 0:
+        return
+    name = f"task{state['task']}"
+    source = int((torch.stack(state["keys"]) @ eproj_key(state, model, examples)).argmax())
+    state["report"].setdefault("started_from", {})[state["task"]] = source
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for param_name, p in params.items():
+            if f".{name}." in param_name:
+                p.copy_(params[param_name.replace(f".{name}.", f".task{source}.")])
+
+
+def eproj_oracle_answer(state, model, examples, task):
+    """--oracle-task: a seen task's questions go to its own parameters, for comparison with routing by keys;
+    a task not yet seen has no parameters of its own, so its questions are still routed."""
+    if task > state["task"]:
+        return eproj_answer(state, model, examples, task)
+    return answer_with_experts(state, model, examples, [task] * len(examples))
+
+
+VARIANTS = {  # flag: (the method it varies, the hooks it puts in place of the method's own)
+    "similarity_weighted": ("ewc", {"before_task": ewc_weigh_by_similarity,
+                                    "after_task": ewc_keep_fishers_for_similarity}),
+    "similarity_init": ("eproj", {"before_task": eproj_start_from_most_similar}),
+    "oracle_task": ("eproj", {"answer": eproj_oracle_answer}),
+}
+
+
+def variant_hooks(args):
+    hooks = {}
+    for flag, (method, variant) in VARIANTS.items():
+        if getattr(args, flag) and args.method == method:
+            hooks |= variant
+    return hooks
 
 
 if __name__ == "__main__":
