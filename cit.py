@@ -17,8 +17,10 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
+import weakref
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +30,10 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
-from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPImageProcessorPil, CLIPVisionConfig,
-                          LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+from transformers import (AutoModelForImageTextToText, AutoProcessor, BatchFeature, CLIPImageProcessorPil,
+                          CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           PreTrainedTokenizerFast, get_cosine_schedule_with_warmup)
 from transformers.utils.logging import disable_progress_bar
 
@@ -49,8 +52,14 @@ TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, nu
                  num_key_value_heads=4, max_position_embeddings=256)
 TINY_VOCAB_SIZE = 1024
 # How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because
-# nothing is pre-trained here), then for "instruct" a joint multi-task instruction-tuning stage.
-TINY_BASE = dict(align_steps=1200, instruct_steps=400, batch_size=32, lr=1e-3)
+# nothing is pre-trained here), then for "instruct" a joint multi-task instruction-tuning stage whose mix keeps
+# the captions, as LLaVA-1.5's and InstructBLIP's mixes do, so that it adds to what alignment taught. The base
+# has its own seed: every run, whatever its --seed, starts from the same base, as runs of a real LMM do.
+TINY_BASE = dict(align_steps=1200, instruct_steps=400, batch_size=32, lr=1e-3, seed=0)
+BASE_MIXES = {"align": ["align"], "instruct": ["align", "instruct"]}  # folders of tiny_tasks/base per stage
+# The two bases ship with the project (4 MB each), so every machine starts from the same weights; a base is built
+# again only when the recipe above changes (into --cache) or on request (--rebuild-base, into this folder).
+SHIPPED_BASES = HERE / "tiny_tasks" / "base" / "models"
 # LLaVA-1.5's conversation format, written as a chat template so that the tiny model and real models
 # build prompts through the same call: processor.apply_chat_template.
 TINY_CHAT_TEMPLATE = (
@@ -116,21 +125,37 @@ def open_image(path):
 
 
 def training_batch(processor, examples, device):
-    """Tokenize prompt + answer; labels are the answer tokens only (prompt and image tokens are -100)."""
-    images = open_images(examples)
-    prompts = [processor.apply_chat_template(chat(e["question"]), add_generation_prompt=True) for e in examples]
-    full = [processor.apply_chat_template(chat(e["question"], e["answer"])) for e in examples]
-    processor.tokenizer.padding_side = "right"
-    batch = processor(images=images, text=full, padding=True, return_tensors="pt")
-    # Prompts go through the processor with their images too, so each <image> expands exactly as in the full
-    # text and the mask ends where the answer begins, for any model's image-token scheme.
-    prompt_lengths = [len(ids) for ids in processor(images=images, text=prompts)["input_ids"]]
-    labels = batch["input_ids"].clone()
-    labels[batch["attention_mask"] == 0] = -100
-    for row, length in enumerate(prompt_lengths):
-        labels[row, :length] = -100
-    batch["labels"] = labels
-    return batch.to(device)
+    """A batch of training examples, each encoded once per run (encode_example) and padded to one length."""
+    return collate([encoded(processor, e) for e in examples], processor.tokenizer.pad_token_id).to(device)
+
+
+def encode_example(processor, example):
+    """Tokenize prompt + answer with the image; labels are the answer tokens only (prompt and image tokens are -100).
+
+    The prompt goes through the processor with its image too, so that <image> expands exactly as in the full text
+    and the mask ends where the answer begins, for any model's image-token scheme.
+    """
+    image = [open_image(example["image"])]
+    full = processor.apply_chat_template(chat(example["question"], example["answer"]))
+    prompt = processor.apply_chat_template(chat(example["question"]), add_generation_prompt=True)
+    encoding = dict(processor(images=image, text=[full], return_tensors="pt"))
+    encoding["labels"] = encoding["input_ids"].clone()
+    encoding["labels"][0, :len(processor(images=image, text=[prompt])["input_ids"][0])] = -100
+    return encoding
+
+
+def collate(encodings, pad_id):
+    """Examples into one batch, concatenated: token rows padded on the right (input_ids with the pad token, labels
+    with -100, so padding is never learned), pixels and the like with zeros where examples differ, as processors do."""
+    batch = {}
+    for key in encodings[0]:
+        tensors = [e[key] for e in encodings]
+        sizes = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
+        fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
+        # F.pad takes (before, after) pairs from the last dimension backwards; the first is the one concatenated.
+        pads = [[p for size, have in zip(sizes[::-1], t.shape[:0:-1]) for p in (0, size - have)] for t in tensors]
+        batch[key] = torch.cat([F.pad(t, pad, value=fill) for t, pad in zip(tensors, pads)])
+    return BatchFeature(batch)
 
 
 # ---------------------------------------------------------------- model: the tiny LLaVA, its bases, any LMM
@@ -180,26 +205,29 @@ def tiny_model_and_processor(tokenizer):
 
 
 def tiny_base(flavour, args, device):
-    """The tiny base, as real continual tuning starts from LLaVA or InstructBLIP: LLaVA's stages in miniature.
-
-    "align" is stage 1 (captions, every weight trains); "instruct" adds joint multi-task instruction tuning
-    with the vision encoder frozen. Built once, then loaded from the cache in the Hugging Face layout.
-    """
+    """The tiny base, as real continual tuning starts from LLaVA or InstructBLIP, in the Hugging Face layout:
+    the one shipped in tiny_tasks/base/models, or, if the recipe has changed since, one built from it once."""
     folder = base_folder(flavour, args)
     if not (folder / "config.json").is_file():
-        if flavour == "align":
-            torch.manual_seed(args.seed)
-            model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
-            model.to(device)
-        else:
-            model, processor = tiny_base("align", args, device)
-            model.to(device)
-            freeze_vision_encoder(model)
-        examples = load_split(HERE / "tiny_tasks" / "base", flavour, "train")
-        train(model, processor, examples, steps=TINY_BASE[f"{flavour}_steps"], batch_size=TINY_BASE["batch_size"],
-              lr=TINY_BASE["lr"], rng=random.Random(args.seed), device=device, desc=f"base: {flavour}")
-        save_whole(model, processor, folder)
+        print(f"the {flavour} base in {SHIPPED_BASES} was made by another recipe: building one, kept in {folder}")
+        save_whole(*build_base(flavour, args, device), folder, base_recipe(flavour))
     return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+
+
+def build_base(flavour, args, device):
+    """LLaVA's stages in miniature: "align" is stage 1 (captions, every weight trains, since nothing here is
+    pre-trained); "instruct" goes on from it with joint multi-task instruction tuning, the vision encoder frozen."""
+    if flavour == "align":
+        torch.manual_seed(TINY_BASE["seed"])
+        model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
+    else:
+        model, processor = tiny_base("align", args, device)
+        freeze_vision_encoder(model)
+    model.to(device)
+    examples = [e for mix in BASE_MIXES[flavour] for e in load_split(HERE / "tiny_tasks" / "base", mix, "train")]
+    train(model, processor, examples, steps=TINY_BASE[f"{flavour}_steps"], batch_size=TINY_BASE["batch_size"],
+          lr=TINY_BASE["lr"], rng=random.Random(TINY_BASE["seed"]), device=device, desc=f"base: {flavour}")
+    return model, processor
 
 
 def load_pretrained(name, args, dtype):
@@ -346,7 +374,8 @@ def train(model, processor, examples, *, steps, batch_size, lr, rng, device, des
           grad_accum=1):
     """AdamW on the answer-token loss; a method may change what a batch holds and add a term to the loss."""
     model.train()
-    optimizer = torch.optim.AdamW(trainable(model).values(), lr=lr)
+    # fused: one kernel over all the weights instead of a Python loop over them (a few ms of each tiny step)
+    optimizer = torch.optim.AdamW(trainable(model).values(), lr=lr, fused=torch.device(device).type in ["cpu", "cuda"])
     # LLaVA's schedule: a short warm-up, then cosine decay to zero by the end of the task.
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1, disable=None)
@@ -661,19 +690,27 @@ def run_method(args, tasks):
 def main(argv=None):
     args = parse_args(argv)
     disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
-    with errors_in_one_line(args):
+    with errors_in_one_line(args), profiled(args):
+        if args.rebuild_base:
+            rebuild_bases(args)
         tasks = check_inputs(args)
-        if args.analyze:
-            return analyze_pairs(args, tasks)
-        if args.method != "all":
-            return run_method(args, tasks)
-        all_results = []
-        for method in ALL_METHODS:
-            print(f"\n======== {method} ========")
-            all_results.append(run_method(argparse.Namespace(**{**vars(args), "method": method,
-                                                                "out": args.out / method}), tasks))
-        compare(all_results, args.out)
-        return all_results
+        if args.seeds:  # a finding is a mean over seeds: the same experiment once per seed, then mean and spread
+            return over_seeds(args, tasks)
+        return experiment(args, tasks)
+
+
+def experiment(args, tasks):
+    """One run of args.method, every method side by side (--method all), or the pair analysis."""
+    if args.analyze:
+        return analyze_pairs(args, tasks)
+    if args.method != "all":
+        return run_method(args, tasks)
+    all_results = []
+    for method in ALL_METHODS:
+        print(f"\n======== {method} ========")
+        all_results.append(run_method(with_args(args, method=method, out=args.out / method), tasks))
+    compare([all_results], args.out)
+    return all_results
 
 
 # ================================================================ PART 2: SUPPORT
@@ -705,6 +742,16 @@ def task_names(text):
     return names
 
 
+def seed_list(text):
+    try:
+        seeds = [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated whole numbers, e.g. 0,1,2: got {text}") from None
+    if len(set(seeds)) < len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"each seed once, none negative: got {text}")
+    return seeds
+
+
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each flag's default, except where there is none to show."""
     def _get_help_string(self, action):
@@ -723,7 +770,11 @@ def parse_args(argv=None):
     run.add_argument("--method", default="finetune", choices=ALL_METHODS + ["all"],
                      help="continual-learning method, or all of them side by side")
     run.add_argument("--out", help="output folder (default runs/<method>)")
-    run.add_argument("--seed", type=int, default=0, help="seed for sampling and initialization")
+    seeding = run.add_mutually_exclusive_group()
+    seeding.add_argument("--seed", type=int, default=0, help="seed for sampling and initialization")
+    seeding.add_argument("--seeds", type=seed_list,
+                         help="run once per seed (e.g. 0,1,2), each in <out>/seed<k>, and report every metric's mean "
+                              "and standard deviation over them in <out>/summary.json, .md and .png")
     run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
     run.add_argument("--show", type=int, default=1, help="sample answers printed per task after each task")
     run.add_argument("--analyze", choices=["pairs"],
@@ -734,6 +785,9 @@ def parse_args(argv=None):
                        help="continue the run in --out from its last finished task (or start it, if there is none)")
     again.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     run.add_argument("--debug", action="store_true", help="show a traceback for input errors too")
+    run.add_argument("--profile", action="store_true",
+                     help="at the end, say where the time went and how much of this CPU's or GPU's matmul rate "
+                          "training used")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=str(HERE / "tiny_tasks"), help="folder of task folders (LLaVA format)")
     data.add_argument("--tasks", type=task_names, help="comma-separated task names, in training order "
@@ -745,7 +799,11 @@ def parse_args(argv=None):
     model.add_argument("--model", default="tiny", help="'tiny', or a Hugging Face hub id or local folder")
     model.add_argument("--base", default="align", choices=["align", "instruct"],
                        help="tiny model only: start from the alignment base or the instruction-tuned base")
-    model.add_argument("--cache", default=str(HERE / "runs" / "cache"), help="where tiny bases are kept")
+    model.add_argument("--cache", default=str(HERE / "runs" / "cache"),
+                       help="where a tiny base built from a changed recipe is kept")
+    model.add_argument("--rebuild-base", action="store_true",
+                       help="build both tiny bases again from the recipe in cit.py into tiny_tasks/base/models "
+                            "(after changing the recipe), then run as usual")
     model.add_argument("--lora", action=argparse.BooleanOptionalAction,
                        help="train LoRA adapters on the language model plus the projector "
                             "(default: on for real models, off for tiny)")
@@ -762,7 +820,9 @@ def parse_args(argv=None):
     optim.add_argument("--lr", type=number(float, above=0), default=1e-3,
                        help="peak AdamW learning rate (about 2e-4 for real models)")
     optim.add_argument("--eval-batch-size", type=number(int, above=0), default=100, help="questions answered at once")
-    optim.add_argument("--max-new-tokens", type=number(int, above=0), default=40, help="longest answer generated")
+    optim.add_argument("--max-new-tokens", type=number(int, above=0),
+                       help="longest answer generated (default: 16 for tiny, whose longest answer is 9 tokens; "
+                            "64 for real models)")
     cl = parser.add_argument_group("continual-learning methods")
     cl.add_argument("--ewc-lambda", type=number(float, at_least=0), default=1e6,
                     help="EWC: weight of the quadratic penalty")
@@ -787,7 +847,14 @@ def parse_args(argv=None):
     args.out = Path(args.out or f"runs/{args.analyze or args.method}")
     if args.lora is None:
         args.lora = args.model != "tiny"
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 16 if args.model == "tiny" else 64
     return args
+
+
+def with_args(args, **changes):
+    """A copy of the flags with some changed: one method of --method all, one seed of --seeds."""
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def pick_device(requested=None):
@@ -830,7 +897,8 @@ def check_inputs(args):
         if getattr(args, flag) and not args.analyze and args.method not in [method, "all"]:
             raise InputError(f"--{flag.replace('_', '-')} is a variant of {method}: use it with --method {method} "
                              "or all")
-    outs = [args.out / method for method in ALL_METHODS] if args.method == "all" else [args.out]
+    runs = [args.out / f"seed{seed}" for seed in args.seeds] if args.seeds else [args.out]
+    outs = [run / method for run in runs for method in ALL_METHODS] if args.method == "all" else runs
     for out in outs:
         earlier = [out / f for f in ["results.json", "progress.json", "pairs.json"]]
         if not (args.resume or args.overwrite) and any(f.exists() for f in earlier):
@@ -934,6 +1002,26 @@ def errors_in_one_line(args):
         sys.exit(130)
 
 
+# ---------------------------------------------------------------- encodings kept for the run
+ENCODINGS = weakref.WeakKeyDictionary()  # processor -> {(image, question, answer): encode_example's result}
+ENCODED_BYTES = weakref.WeakKeyDictionary()  # processor -> bytes held for it
+ENCODING_BUDGET = 2 ** 30  # the tiny tasks take 25 MB; a real benchmark's pixels are re-made beyond 1 GiB
+
+
+def encoded(processor, example):
+    """encode_example, done once per example (while the budget lasts): every step reuses the tokens and pixels."""
+    cache = ENCODINGS.setdefault(processor, {})
+    key = (example["image"], example["question"], example["answer"])
+    if key in cache:
+        return cache[key]
+    encoding = encode_example(processor, example)
+    size = sum(tensor.numel() * tensor.element_size() for tensor in encoding.values())
+    if ENCODED_BYTES.get(processor, 0) + size <= ENCODING_BUDGET:
+        cache[key] = encoding
+        ENCODED_BYTES[processor] = ENCODED_BYTES.get(processor, 0) + size
+    return encoding
+
+
 # ---------------------------------------------------------------- files: the bases' cache, checkpoints and --resume
 def files_digest(folder):
     digest = hashlib.sha256()
@@ -943,20 +1031,41 @@ def files_digest(folder):
     return digest.hexdigest()
 
 
-def base_folder(flavour, args):
-    """Where a tiny base is cached: keyed by everything that shapes it, so a changed recipe rebuilds it."""
+def base_recipe(flavour):
+    """Everything that shapes a tiny base (the model's shape, the tokenizer's text, the stages and their data),
+    and a key of it: a base is only used by a recipe whose key it carries."""
     stages = ["align"] if flavour == "align" else ["align", "instruct"]
-    recipe = json.dumps([TINY_VISION, TINY_TEXT, TINY_BASE, TINY_CHAT_TEMPLATE, args.seed,
-                         tiny_tokenizer(tiny_corpus()).get_vocab(),
-                         [files_digest(HERE / "tiny_tasks" / "base" / stage) for stage in stages]], sort_keys=True)
-    return Path(args.cache) / f"base-{flavour}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    recipe = {"vision": TINY_VISION, "text": TINY_TEXT, "vocab_size": TINY_VOCAB_SIZE, "stages": TINY_BASE,
+              "mixes": {stage: BASE_MIXES[stage] for stage in stages}, "chat_template": TINY_CHAT_TEMPLATE,
+              "tokenizer_text": hashlib.sha256("\n".join(tiny_corpus()).encode()).hexdigest(),
+              "data": {mix: files_digest(HERE / "tiny_tasks" / "base" / mix) for mix in BASE_MIXES[flavour]}}
+    return {"key": hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12], "recipe": recipe}
 
 
-def save_whole(model, processor, folder):
+def base_folder(flavour, args):
+    """The shipped base if this recipe made it; otherwise one built from the recipe, kept in --cache by its key."""
+    key = base_recipe(flavour)["key"]
+    shipped = SHIPPED_BASES / flavour
+    made_by = json.loads((shipped / "recipe.json").read_text())["key"] if (shipped / "recipe.json").is_file() else None
+    return shipped if made_by == key else Path(args.cache) / f"base-{flavour}-{key}"
+
+
+def rebuild_bases(args):
+    """--rebuild-base: both tiny bases again from the recipe, into tiny_tasks/base/models, which ships them.
+
+    A maintainer's step after changing the recipe; a test fails until the shipped bases match it again."""
+    device = pick_device(args.device)
+    for flavour in ["align", "instruct"]:
+        save_whole(*build_base(flavour, args, device), SHIPPED_BASES / flavour, base_recipe(flavour))
+
+
+def save_whole(model, processor, folder, recipe=None):
     """Saved beside, then renamed: a run killed while saving leaves no half-written model to load next time."""
     partial = folder.with_name(folder.name + ".partial")
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
+    if recipe:
+        write_json(partial / "recipe.json", recipe)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
 
@@ -1014,7 +1123,7 @@ def resume_run(args, device, hooks):
         for adapter, name in zip(adapters[1:], names[1:]):
             model.load_adapter(adapter.parent, adapter_name=name, is_trainable=True)
     else:  # full weights: the checkpoint is a model folder of its own
-        model, processor = load_model(argparse.Namespace(**{**vars(args), "model": str(saved)}), device)
+        model, processor = load_model(with_args(args, model=str(saved)), device)
     saved_state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
     state = {"args": args, "processor": processor, "device": device, "task": 0, **saved_state["memory"]}
     rng = random.Random()
@@ -1040,6 +1149,82 @@ def find_checkpoint(args):
     return args.out / saved["checkpoint"]
 
 
+# ---------------------------------------------------------------- --profile: where the time goes
+PROFILED = ["load_model", "train", "training_batch", "evaluate_all", "save_checkpoint"]
+
+
+@contextmanager
+def profiled(args):
+    """--profile: the command's time split into its parts, and training's model FLOPs per second (counted by
+    torch's FlopCounterMode on a batch of each task) as a share of this machine's fp32 matmul rate: nanoGPT's MFU."""
+    if not args.profile:
+        yield
+        return
+    module, spent, work = sys.modules[__name__], Counter(), Counter()
+
+    def timed(name, function):
+        def wrapper(*positional, **keywords):
+            if name == "train":  # one step's FLOPs, before the steps: gradients are cleared after, nothing else moves
+                count_flops(*positional[:3], keywords, work, originals["training_batch"])
+            started = time.perf_counter()
+            try:
+                return function(*positional, **keywords)
+            finally:
+                spent[name] += time.perf_counter() - started
+        return wrapper
+    originals = {name: getattr(module, name) for name in PROFILED}
+    for name, function in originals.items():
+        setattr(module, name, timed(name, function))
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
+        print_profile(time.perf_counter() - started, spent, work, args)
+
+
+def count_flops(model, processor, examples, keywords, work, make_batch):
+    """The FLOPs of one training step (forward and backward) on a batch of this task, times the task's steps."""
+    sample = random.Random(0).sample(examples, min(keywords["batch_size"], len(examples)))
+    batch = make_batch(processor, sample, keywords["device"])
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    work["flops"] += counter.get_total_flops() * keywords["steps"] * keywords.get("grad_accum", 1)
+    work["steps"] += keywords["steps"]
+
+
+def print_profile(total, spent, work, args):
+    compute = spent["train"] - spent["training_batch"]
+    parts = {"loading the model": spent["load_model"], "building batches": spent["training_batch"],
+             "training steps (forward, backward, optimizer)": compute, "evaluation": spent["evaluate_all"],
+             "checkpoints": spent["save_checkpoint"]}
+    parts["the rest (start-up, saving results, analyses)"] = total - sum(parts.values())
+    print(f"\n--profile: {total:.1f} s after start-up")
+    for part, seconds in parts.items():
+        print(f"  {part:<48} {seconds:7.1f} s  {100 * seconds / total:4.0f}%")
+    if work["steps"]:
+        device = pick_device(args.device)
+        rate, achieved = matmul_rate(device), work["flops"] / compute
+        print(f"  training: {work['steps']} steps, {1000 * compute / work['steps']:.1f} ms and "
+              f"{work['flops'] / work['steps'] / 1e9:.2f} GFLOP each: {achieved / 1e9:.1f} GFLOP/s, "
+              f"{100 * achieved / rate:.0f}% of this {device.type}'s fp32 matmul rate ({rate / 1e9:.0f} GFLOP/s)")
+
+
+def matmul_rate(device, size=2048, seconds=1.0):
+    """FLOPs per second of a large fp32 matrix product on this device: the yardstick for training's throughput."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * size ** 3 * count / (time.perf_counter() - started)
+
+
 # ---------------------------------------------------------------- tables and pictures
 def format_table(rows, row_names, column_names, corner, digits=2):
     """A matrix as aligned text; an empty cell (None: a task paired with itself) shows as '-'."""
@@ -1050,15 +1235,30 @@ def format_table(rows, row_names, column_names, corner, digits=2):
     return "\n".join(lines)
 
 
-def compare(all_results, out):
-    """The methods side by side: a table (printed, and written as summary.md) and a picture of the matrices."""
-    lines = ["| method | average | forgetting | bwt | wall time (s) |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['method']} | {r['average']:.3f} | {r['forgetting']:.3f} | {r['bwt']:+.3f} "
-              f"| {r['wall_time_s']:.0f} |" for r in all_results]
-    table = "\n".join(lines)
+def compare(runs, out):
+    """The methods side by side, over seeds: each metric's mean and standard deviation (summary.json; summary.md,
+    also printed) and each method's mean accuracy matrix (summary.png). `runs` holds one list of results per seed."""
+    summary = {"seeds": [results[0]["config"]["seed"] for results in runs], "methods": {}}
+    for results in zip(*runs):  # one method, every seed
+        summary["methods"][results[0]["method"]] = {
+            "tasks": results[0]["tasks"], "rows": results[0]["rows"],
+            "matrix": mean_matrix([r["matrix"] for r in results]),
+            **{key: spread([r[key] for r in results]) for key in ["average", "forgetting", "bwt", "wall_time_s"]},
+            "diagonal": spread([diagonal_mean(r) for r in results])}
+    write_json(out / "summary.json", summary)
+    lines = ["| method | average | forgetting | bwt | mean of the diagonal | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {method} | {show(m['average'])} | {show(m['forgetting'])} | {show(m['bwt'], '+.3f')} "
+              f"| {show(m['diagonal'])} | {show(m['wall_time_s'], '.0f')} |"
+              for method, m in summary["methods"].items()]
+    seeds = f"mean ± sd over seeds {', '.join(map(str, summary['seeds']))}" if len(runs) > 1 else ""
+    table = "\n".join(lines) + (f"\n\n({seeds})" if seeds else "")
     print(f"\n{table}")
     (out / "summary.md").write_text(table + "\n")
-    draw_matrices(all_results, out / "summary.png")
+    means = [{"method": method, "average": m["average"]["mean"], "forgetting": m["forgetting"]["mean"],
+              **{key: m[key] for key in ["tasks", "rows", "matrix"]}} for method, m in summary["methods"].items()]
+    draw_matrices(means, out / "summary.png", seeds)
+    return summary
 
 
 ROW_LABELS = 80  # pixels left of a heatmap for its row names
@@ -1086,12 +1286,13 @@ def draw_heatmap(draw, x0, y0, matrix, row_names, column_names, low=0.0, high=1.
     return left + len(column_names) * cell
 
 
-def draw_matrices(all_results, path, cell=30):
+def draw_matrices(all_results, path, note="", cell=30):
     """Each method's accuracy matrix as a small heatmap (dark = high score), side by side, with pillow."""
     font = ImageFont.load_default(size=11)
     names = all_results[0]["tasks"]
     top, gap, width = 46, 20, ROW_LABELS + len(names) * cell
-    picture = Image.new("RGB", (len(all_results) * (width + gap), top + len(names) * cell + 60), "white")
+    picture = Image.new("RGB", (len(all_results) * (width + gap), top + len(names) * cell + 60 + 16 * bool(note)),
+                        "white")
     draw = ImageDraw.Draw(picture)
     for k, result in enumerate(all_results):
         x0 = k * (width + gap)
@@ -1100,7 +1301,62 @@ def draw_matrices(all_results, path, cell=30):
                   fill="black", font=font)
         draw.text((x0 + 4, 22), "after \\ on", fill="gray", font=font)
         draw_heatmap(draw, x0, top, result["matrix"], result["rows"], names, cell=cell)
+    draw.text((4, top + len(names) * cell + 40), note, fill="black", font=font)
     picture.save(path)
+
+
+# ---------------------------------------------------------------- several seeds: means and spreads
+def over_seeds(args, tasks):
+    """--seeds: the experiment once per seed, each in <out>/seed<k>, then every metric's mean and spread in <out>."""
+    per_seed = [experiment(with_args(args, seed=seed, out=args.out / f"seed{seed}"), tasks) for seed in args.seeds]
+    if args.analyze:
+        return compare_pairs(per_seed, args.out)
+    return compare(per_seed if args.method == "all" else [[results] for results in per_seed], args.out)
+
+
+def spread(values):
+    """The mean and sample standard deviation of numbers (None where undefined: no values, or only one)."""
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(values) if values else None,
+            "sd": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+
+
+def show(entry, form=".3f"):
+    """A spread as 'mean ± sd', or the mean alone for one seed, or '-' where there is nothing to show."""
+    if entry["mean"] is None:
+        return "-"
+    return f"{entry['mean']:{form}}" + ("" if entry["sd"] is None else f" ± {entry['sd']:{form.lstrip('+')}}")
+
+
+def mean_matrix(matrices):
+    """Cell by cell mean of matrices of the same shape; an empty cell (None) stays empty."""
+    return [[None if cells[0] is None else statistics.fmean(cells) for cells in zip(*rows)] for rows in zip(*matrices)]
+
+
+def diagonal_mean(result):
+    """How well each task was learned when it was trained: the mean of R[i][i] over the rows that trained a task
+    (None for joint, whose one row trained them all at once)."""
+    scores = [row[result["tasks"].index(name)] for name, row in zip(result["rows"], result["matrix"])
+              if name in result["tasks"]]
+    return sum(scores) / len(scores) if scores else None
+
+
+def compare_pairs(reports, out):
+    """The pair analysis over seeds: each Spearman correlation's mean and sd, the mean pair matrices."""
+    summary = {"seeds": [r["config"]["seed"] for r in reports], "tasks": reports[0]["tasks"],
+               "spearman": {name: spread([r["spearman"][name] for r in reports]) for name in reports[0]["spearman"]},
+               **{kind: mean_matrix([r[kind] for r in reports]) for kind in ["pair_forgetting", "transfer"]},
+               "similarity": {part: mean_matrix([r["similarity"][part] for r in reports])
+                              for part in reports[0]["similarity"]}}
+    write_json(out / "summary.json", summary)
+    lines = ["| Spearman correlation | mean ± sd |", "| --- | ---: |"]
+    lines += [f"| {name} | {show(entry, '+.2f')} |" for name, entry in summary["spearman"].items()]
+    table = "\n".join(lines) + f"\n\n(over seeds {', '.join(map(str, summary['seeds']))})"
+    print(f"\n{table}")
+    (out / "summary.md").write_text(table + "\n")
+    draw_pairs({**summary, "spearman": {name: entry["mean"] for name, entry in summary["spearman"].items()}},
+               out / "summary.png")
+    return summary
 
 
 # ---------------------------------------------------------------- task pairs: does similarity predict forgetting?
@@ -1129,7 +1385,7 @@ def analyze_pairs(args, tasks):
     and compare with the similarity of the tasks' prototypes, taken from the base before any training.
     """
     started = time.time()
-    args = argparse.Namespace(**{**vars(args), "method": "finetune"})
+    args = with_args(args, method="finetune")
     device = pick_device(args.device)
     model, state, _, _ = start_run(args, device, method_hooks(args))
     processor, names = state["processor"], list(tasks)

@@ -14,18 +14,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import cit
 
-# The tests build their own smaller base (same code, fewer alignment steps) so the suite stays fast.
-TEST_BASE = dict(cit.TINY_BASE, align_steps=600, instruct_steps=100)
+# A recipe of a few steps, for the tests of how bases are built and kept; every other test uses the shipped base.
+TEST_BASE = dict(cit.TINY_BASE, align_steps=2, instruct_steps=1)
 
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
+    """Where a base built from a changed recipe would go: with the shipped bases, no test run fills it."""
     return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(autouse=True)
-def small_base(monkeypatch):
-    monkeypatch.setattr(cit, "TINY_BASE", TEST_BASE)
+def seeded():
     torch.manual_seed(0)
 
 
@@ -78,6 +78,20 @@ def test_labels_are_the_answer_tokens_only(tiny):
     for row, example in zip(batch["labels"], examples):
         answer = processor.tokenizer.decode(row[row != -100])
         assert answer.strip() == example["answer"] + "</s>"
+
+
+def test_a_batch_of_encodings_kept_for_the_run_equals_the_processors_own_batch(tiny):
+    _, processor = tiny
+    examples = [e for name in ["caption", "count"] for e in cit.load_split(cit.HERE / "tiny_tasks", name, "train")[:3]]
+    batch = cit.training_batch(processor, examples, "cpu")
+    again = cit.training_batch(processor, examples, "cpu")  # from the encodings kept the first time
+    processor.tokenizer.padding_side = "right"
+    full = [processor.apply_chat_template(cit.chat(e["question"], e["answer"])) for e in examples]
+    expected = processor(images=cit.open_images(examples), text=full, padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[1] > min(expected["attention_mask"].sum(1))  # lengths differ: padding is tested
+    for key in ["input_ids", "attention_mask", "pixel_values"]:
+        assert torch.equal(batch[key], expected[key]) and torch.equal(again[key], expected[key])
+    assert (batch["labels"][expected["attention_mask"] == 0] == -100).all()
 
 
 def test_tokenizer_covers_text_it_never_saw(tiny):
@@ -162,6 +176,8 @@ def test_bad_data_ends_in_one_line_naming_the_file_and_the_problem(tmp_path, cap
     (["--method", "replay", "--max-train", "10", "--replay-size", "11"], "--replay-size 11 is more than the 10"),
     (["--model", str(cit.HERE / "tiny_tasks")], "the folder has no config.json"),
     (["--method", "ewc", "--similarity-init"], "--similarity-init is a variant of eproj"),
+    (["--seeds", "0,1,0"], "--seeds: each seed once"),
+    (["--seed", "1", "--seeds", "0,1"], "not allowed with argument --seed"),
 ])
 def test_bad_flags_end_in_one_line_naming_the_flag(tmp_path, capsys, flags, expected):
     assert expected in input_error(capsys, "--out", str(tmp_path), "--tasks", "count", *flags)
@@ -209,6 +225,30 @@ def test_forgetting_uses_the_best_earlier_score_not_the_first():
                              [0.1, 0.5, 0.9]])
     assert metrics["forgetting"] == pytest.approx(((0.6 - 0.1) + (0.5 - 0.5)) / 2)
     assert metrics["bwt"] == pytest.approx(((0.1 - 0.2) + (0.5 - 0.5)) / 2)
+
+
+def hand_made(method, seed, matrix, rows=("a", "b")):
+    return {"method": method, "tasks": ["a", "b"], "rows": list(rows), "matrix": matrix, **cit.summarize(matrix),
+            "wall_time_s": 10.0 + seed, "config": {"seed": seed}}
+
+
+def test_seeds_are_summarized_by_mean_and_sample_sd(tmp_path):
+    runs = [[hand_made("finetune", 0, [[0.8, 0.0], [0.2, 0.6]]), hand_made("joint", 0, [[0.7, 0.5]], ["joint"])],
+            [hand_made("finetune", 1, [[1.0, 0.0], [0.4, 0.8]]), hand_made("joint", 1, [[0.9, 0.7]], ["joint"])]]
+    summary = cit.compare(runs, tmp_path)
+    finetune, joint = summary["methods"]["finetune"], summary["methods"]["joint"]
+    assert summary["seeds"] == [0, 1]
+    # averages 0.4 and 0.6: mean 0.5, sample sd sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414
+    assert finetune["average"]["mean"] == pytest.approx(0.5) and finetune["average"]["sd"] == pytest.approx(0.02 ** 0.5)
+    assert finetune["forgetting"]["values"] == pytest.approx([0.6, 0.6])
+    assert finetune["forgetting"]["sd"] == pytest.approx(0)
+    assert finetune["diagonal"]["values"] == pytest.approx([0.7, 0.9])  # mean of R[0][0] and R[1][1]
+    assert torch.allclose(torch.tensor(finetune["matrix"]), torch.tensor([[0.9, 0.0], [0.3, 0.7]]))
+    assert joint["diagonal"] == {"mean": None, "sd": None, "values": []}  # joint trains no task on its own
+    assert json.loads((tmp_path / "summary.json").read_text())["methods"]["joint"]["average"]["mean"] == pytest.approx(0.7)
+    assert "| finetune | 0.500 ± 0.141 | 0.600 ± 0.000 | -0.600 ± 0.000 | 0.800 ± 0.141 | 10 ± 1 |" in (
+        tmp_path / "summary.md").read_text()
+    assert Image.open(tmp_path / "summary.png").size[0] > 2 * 100
 
 
 def test_exact_match_normalizes_case_and_punctuation():
@@ -338,8 +378,17 @@ def test_every_method_runs_and_all_draws_the_comparison(tmp_path, cache):
     assert results[cit.ALL_METHODS.index("eproj")]["routing_accuracy"] == 1.0  # counting and reading look apart
 
 
+def test_seeds_run_each_seed_in_its_own_folder_and_summarize(tmp_path, cache):
+    summary = run(tmp_path, cache, "--seeds", "0,1", "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
+    out = tmp_path / "out"
+    saved = [json.loads((out / f"seed{seed}" / "results.json").read_text()) for seed in [0, 1]]
+    assert [r["config"]["seed"] for r in saved] == [0, 1] and saved[0]["config"]["out"] == str(out / "seed0")
+    assert summary["methods"]["finetune"]["average"]["values"] == [r["average"] for r in saved]
+    assert (out / "summary.md").is_file() and (out / "summary.png").is_file()
+
+
 def test_a_base_is_built_once_per_recipe(tmp_path, monkeypatch):
-    monkeypatch.setattr(cit, "TINY_BASE", dict(TEST_BASE, align_steps=2))
+    monkeypatch.setattr(cit, "TINY_BASE", TEST_BASE)
     train, builds = cit.train, []
     monkeypatch.setattr(cit, "train", lambda *args, **kwargs: (builds.append(kwargs["desc"]), train(*args, **kwargs)))
     args = cit.parse_args(["--cache", str(tmp_path)])
@@ -347,9 +396,20 @@ def test_a_base_is_built_once_per_recipe(tmp_path, monkeypatch):
     again, _ = cit.tiny_base("align", args, "cpu")
     assert builds == ["base: align"] and len(list(tmp_path.iterdir())) == 1
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
-    args.seed = 1  # a different recipe must not reuse the cached base
+    args.seed = 1  # another run seed starts from the same base...
+    cit.tiny_base("align", args, "cpu")
+    assert builds == ["base: align"]
+    monkeypatch.setattr(cit, "TINY_BASE", dict(TEST_BASE, align_steps=3))  # ...another recipe does not
     cit.tiny_base("align", args, "cpu")
     assert builds == ["base: align"] * 2 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_the_shipped_bases_are_the_ones_the_recipe_in_cit_py_makes():
+    """Fails when the recipe (model shape, stages, their data) changes and `python cit.py --rebuild-base` was not run."""
+    for flavour in ["align", "instruct"]:
+        shipped = json.loads((cit.SHIPPED_BASES / flavour / "recipe.json").read_text())
+        assert shipped == cit.base_recipe(flavour)
+        assert cit.base_folder(flavour, cit.parse_args([])) == cit.SHIPPED_BASES / flavour
 
 
 # ---- nothing lost: checkpoints after each task, --resume

@@ -19,7 +19,6 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 240),
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "ring"]
 LETTERS = list("AEHKMNRSTXYZ")
 QUADRANTS = ["top left", "top right", "bottom left", "bottom right"]
-COUNT_WORDS = ["zero", "one", "two", "three", "four", "five"]
 FONT = ImageFont.load_default(size=22)
 DESCRIBE = "Describe the image."
 
@@ -164,8 +163,8 @@ def align(rng):
     color, letter = rng.choice(list(COLORS)), rng.choice(LETTERS)
     if kind == "letter":
         return letter_image(rng, letter, color), DESCRIBE, f"the letter {letter} in {color}"
-    n = rng.randint(1, 5)
-    return dots_image(rng, n, color), DESCRIBE, f"{COUNT_WORDS[n]} {color} dot{'s' if n > 1 else ''}"
+    n = rng.randint(1, 5)  # written as a digit, as captions on the web often do, and as the count task answers
+    return dots_image(rng, n, color), DESCRIBE, f"{n} {color} dot{'s' if n > 1 else ''}"
 
 
 def instruct(rng):
