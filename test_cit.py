@@ -378,6 +378,15 @@ def test_every_method_runs_and_all_draws_the_comparison(tmp_path, cache):
     assert results[cit.ALL_METHODS.index("eproj")]["routing_accuracy"] == 1.0  # counting and reading look apart
 
 
+def test_profile_says_where_the_time_went_and_leaves_the_functions_as_they_were(tmp_path, cache, capsys):
+    train = cit.train
+    run(tmp_path, cache, "--profile", "--tasks", "count", "--steps", "3", "--max-test", "4")
+    report = capsys.readouterr().out.split("--profile:")[1]
+    assert "training steps (forward, backward, optimizer)" in report and "evaluation" in report
+    assert "training: 3 steps" in report and "GFLOP each" in report and "matmul rate" in report
+    assert cit.train is train
+
+
 def test_seeds_run_each_seed_in_its_own_folder_and_summarize(tmp_path, cache):
     summary = run(tmp_path, cache, "--seeds", "0,1", "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
     out = tmp_path / "out"
