@@ -44,6 +44,9 @@ HERE = Path(__file__).resolve().parent
 # ---------------------------------------------------------------- the tiny setup
 # The tiny tasks' default order: captioning first, as in the paper's benchmark, multiple choice last.
 TASK_ORDER = ["caption", "ocr", "classify", "vqa", "count", "grounding", "mcq"]
+# mcq's options and letter answers would make it scored as ScienceQA is (METRICS' "option"), where a caption's
+# first word "a" reads as option A; the tiny task asks for the letter, so exact match scores it.
+TINY_METRICS = {"mcq": "exact"}
 # The tiny LMM: a CLIP vision tower (32x32 images, 8x8 patches: 16 image tokens), a two-layer MLP
 # projector and a Llama language model, with a byte-level tokenizer made here.
 TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
@@ -75,44 +78,71 @@ PROJECTOR_NAMES = ["multi_modal_projector", "connector", "merger"]
 
 
 # ---------------------------------------------------------------- data: LLaVA records to batches
-def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None):
-    """{task: {"train": examples, "test": examples}}, in training order; an example is {image, question, answer}."""
+def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None, eval_split="test", metrics=None,
+               references=None):
+    """{task: {"train": examples, "test": examples, "metric": how test is scored}}, in training order.
+
+    An example is {"id", "image": a path or None, "history": earlier (question, answer) turns, "question",
+    "answer", "references": the answers it is scored against}. The scored split is test.json (--eval-split val:
+    val.json), or the other where a task has only that; the metric is inferred from the answers.
+    """
     check_task_folders(data_dir, names)
-    return {name: {"train": load_split(data_dir, name, "train", image_root)[:max_train],
-                   "test": load_split(data_dir, name, "test", image_root)[:max_test]} for name in names}
+    tasks = {}
+    for name in names:
+        test = load_split(data_dir, name, scored_split(data_dir / name, eval_split), image_root)[:max_test]
+        if name in (references or {}):  # answers kept apart from the questions, as TextVQA's official 10
+            take_references(test, references[name])
+        tasks[name] = {"train": load_split(data_dir, name, "train", image_root)[:max_train], "test": test,
+                       "metric": (metrics or {}).get(name) or metric_for(test)}
+    return tasks
 
 
 def load_split(data_dir, name, split, image_root=None):
-    """One split of a task folder in LLaVA's format: a JSON list of conversation records.
+    """One split of a task folder: LLaVA conversation records, or the benchmarks' flat evaluation records.
 
-    Only the first human/gpt exchange of each conversation is used: the benchmark tasks are single-turn.
     Images resolve against the task folder, or --image-root when the benchmark keeps them in one place.
     """
-    path = data_dir / name / f"{split}.json"
+    path = split_file(data_dir / name, split)
     image_dir, allowed = (Path(image_root), Path(image_root)) if image_root else (data_dir / name, data_dir)
-    return [example_from(record, f"{path}: record {index}", image_dir, allowed)
-            for index, record in enumerate(read_records(path))]
+    examples = []
+    for index, record in enumerate(read_records(path)):
+        conversation = isinstance(record, dict) and "conversations" in record
+        examples.append((example_from if conversation else flat_example)(record, f"{path}: record {index}",
+                                                                         image_dir, allowed))
+    return examples
 
 
 def example_from(record, where, image_dir, allowed):
-    """A record {"image", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}]} as an example."""
+    """A conversation {"image"?, "conversations": [{"from": "human", "value"}, {"from": "gpt", "value"}, ...]}.
+
+    Every exchange is trained on; the last one is what a test asks and scores. <image> may stand anywhere:
+    the image goes first in the first turn, where LLaVA's own preprocessing moves it.
+    """
     where = check_record(record, where)  # and names the record by its id from here on
-    question = next(turn["value"] for turn in record["conversations"] if turn.get("from") == "human")
-    answer = next(turn["value"] for turn in record["conversations"] if turn.get("from") == "gpt")
-    return {"image": image_path(record, where, image_dir, allowed),
-            "question": question.replace("<image>", "").strip(), "answer": answer.strip()}
+    turns = record["conversations"]
+    exchanges = [(clean(human["value"]), gpt["value"].strip()) for human, gpt in zip(turns[::2], turns[1::2])]
+    (question, answer), history = exchanges[-1], exchanges[:-1]
+    return {"id": record.get("id"), "image": image_path(record, where, image_dir, allowed), "history": history,
+            "question": question, "answer": answer, "references": [answer]}
 
 
-def chat(question, answer=None):
-    """A LLaVA record as chat messages, so that each model's own chat template builds the prompt."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return messages
+def clean(question):
+    return question.replace("<image>", "").strip()
+
+
+def chat(example, answer=True):
+    """An example as chat messages, so that each model's own chat template builds the prompt."""
+    messages = []
+    for turn, (question, reply) in enumerate([*example["history"], (example["question"], example["answer"])]):
+        image = [{"type": "image"}] if turn == 0 and example["image"] else []
+        messages += [{"role": "user", "content": [*image, {"type": "text", "text": question}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+    return messages if answer else messages[:-1]
 
 
 def open_images(examples):
-    return [open_image(e["image"]) for e in examples]
+    """The pictures of the examples that have one, in order (a processor matches them to <image> in order)."""
+    return [open_image(e["image"]) for e in examples if e["image"]] or None
 
 
 def open_image(path):
@@ -130,26 +160,36 @@ def training_batch(processor, examples, device):
 
 
 def encode_example(processor, example):
-    """Tokenize prompt + answer with the image; labels are the answer tokens only (prompt and image tokens are -100).
+    """Tokenize the whole conversation with its image; labels are the answers' tokens only (every other token is
+    -100), so the loss is on every assistant turn and never on a prompt or an image token.
 
-    The prompt goes through the processor with its image too, so that <image> expands exactly as in the full text
-    and the mask ends where the answer begins, for any model's image-token scheme.
+    Each prefix goes through the processor with the image too, so that <image> expands exactly as in the full
+    text and each answer's span starts and ends where it does in the full conversation, for any model.
     """
-    image = [open_image(example["image"])]
-    full = processor.apply_chat_template(chat(example["question"], example["answer"]))
-    prompt = processor.apply_chat_template(chat(example["question"]), add_generation_prompt=True)
-    encoding = dict(processor(images=image, text=[full], return_tensors="pt"))
-    encoding["labels"] = encoding["input_ids"].clone()
-    encoding["labels"][0, :len(processor(images=image, text=[prompt])["input_ids"][0])] = -100
-    return encoding
+    images = open_images([example])
+    messages = chat(example)
+
+    def length(prefix, **options):
+        text = processor.apply_chat_template(prefix, **options)
+        return len(processor(images=images, text=[text])["input_ids"][0])
+
+    encoding = dict(processor(images=images, text=[processor.apply_chat_template(messages)], return_tensors="pt"))
+    tokens = encoding["input_ids"][0]
+    encoding["labels"] = torch.full_like(encoding["input_ids"], -100)
+    for reply in range(1, len(messages), 2):
+        start = length(messages[:reply], add_generation_prompt=True)
+        end = length(messages[:reply + 1]) if reply + 1 < len(messages) else len(tokens)
+        encoding["labels"][0, start:end] = tokens[start:end]
+    return cut_to_length(encoding, processor, example)
 
 
 def collate(encodings, pad_id):
     """Examples into one batch, concatenated: token rows padded on the right (input_ids with the pad token, labels
-    with -100, so padding is never learned), pixels and the like with zeros where examples differ, as processors do."""
+    with -100, so padding is never learned), pixels and the like with zeros where examples differ, as processors do.
+    An example without an image has no pixels: the others' are concatenated in order, as the processor would."""
     batch = {}
-    for key in encodings[0]:
-        tensors = [e[key] for e in encodings]
+    for key in dict.fromkeys(key for e in encodings for key in e):
+        tensors = [e[key] for e in encodings if key in e]
         sizes = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
         fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
         # F.pad takes (before, after) pairs from the last dimension backwards; the first is the one concatenated.
@@ -254,6 +294,10 @@ def load_model(args, device):
         model, processor = load_pretrained(args.model, args, dtype)
     if processor.chat_template is None:  # a model without one gets LLaVA-1.5's format
         processor.chat_template = TINY_CHAT_TEMPLATE
+    # Training records longer than this are cut (--max-length; by default the language model's own limit).
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    processor.tokenizer.model_max_length = args.max_length or min(processor.tokenizer.model_max_length,
+                                                                  limit or math.inf)
     model.to(device)
     freeze_vision_encoder(model)
     if args.gradient_checkpointing:
@@ -304,12 +348,17 @@ def prototype_features(model, processor, examples, device):
 
     eproj's routing and task similarity (the pair analysis, EWC's weighting) are both built on these.
     """
-    pixels = processor.image_processor(open_images(examples), return_tensors="pt").to(device)
-    features = model.get_image_features(**pixels).pooler_output
-    image = torch.stack([f.reshape(-1, f.shape[-1]).float().mean(0) for f in features])
     tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
     mask = tokens["attention_mask"].unsqueeze(-1)
     text = ((model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)).float()
+    pictured = [i for i, e in enumerate(examples) if e["image"]]
+    if not pictured:  # a text-only instruction has no image feature
+        return torch.zeros_like(text), F.normalize(text, dim=-1)
+    pixels = processor.image_processor(open_images(examples), return_tensors="pt").to(device)
+    features = model.get_image_features(**pixels).pooler_output
+    means = torch.stack([f.reshape(-1, f.shape[-1]).float().mean(0) for f in features])
+    image = means.new_zeros(len(examples), means.shape[-1])
+    image[pictured] = means
     return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
 
@@ -428,7 +477,7 @@ def generate(model, processor, examples, args, device):
     processor.tokenizer.padding_side = "left"
     for first in range(0, len(examples), args.eval_batch_size):
         chunk = examples[first:first + args.eval_batch_size]
-        prompts = [processor.apply_chat_template(chat(e["question"]), add_generation_prompt=True) for e in chunk]
+        prompts = [processor.apply_chat_template(chat(e, answer=False), add_generation_prompt=True) for e in chunk]
         batch = processor(images=open_images(chunk), text=prompts, padding=True, return_tensors="pt").to(device)
         output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
         answers += processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -443,7 +492,7 @@ def evaluate_all(state, model, tasks, title, answer=greedy_answers):
     for j, (name, task) in enumerate(tasks.items()):
         examples = task["test"]
         predictions = answer(state, model, examples, j)
-        scores.append(metric_for(examples)(predictions, [e["answer"] for e in examples]))
+        scores.append(METRICS[task["metric"]](predictions, [e["references"] for e in examples]))
         print(f"  {name:<12} {scores[-1]:.2f}")
         for example, prediction in list(zip(examples, predictions))[:state["args"].show]:
             question = example["question"].splitlines()[0]
@@ -456,20 +505,25 @@ def normalize(text):
 
 
 def exact_match(predictions, references):
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)
+    """The share of predictions equal to one of their references, on normalized text (case and punctuation)."""
+    return sum(normalize(p) in map(normalize, refs) for p, refs in zip(predictions, references)) / len(references)
 
 
 def bleu4(predictions, references):
-    """Corpus BLEU-4 (Papineni et al., 2002) with one reference per example, on normalized words."""
+    """Corpus BLEU-4 (Papineni et al., 2002) on normalized words: n-gram counts clipped by the most any one
+    reference has, and the brevity penalty against each prediction's closest reference length."""
     matched, total = [0] * 4, [0] * 4
     prediction_length = reference_length = 0
-    for prediction, reference in zip(predictions, references):
-        p, r = normalize(prediction).split(), normalize(reference).split()
-        prediction_length, reference_length = prediction_length + len(p), reference_length + len(r)
+    for prediction, refs in zip(predictions, references):
+        p, rs = normalize(prediction).split(), [normalize(r).split() for r in refs]
+        prediction_length += len(p)
+        reference_length += min((abs(len(r) - len(p)), len(r)) for r in rs)[1]
         for n in range(1, 5):
-            p_grams = Counter(tuple(p[i:i + n]) for i in range(len(p) - n + 1))
-            r_grams = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            matched[n - 1] += sum((p_grams & r_grams).values())
+            p_grams = ngrams(p, n)
+            most = Counter()
+            for r in rs:
+                most |= ngrams(r, n)
+            matched[n - 1] += sum((p_grams & most).values())
             total[n - 1] += max(len(p) - n + 1, 0)
     if min(matched) == 0:
         return 0.0
@@ -478,10 +532,13 @@ def bleu4(predictions, references):
     return math.exp(log_precision + brevity)
 
 
-def metric_for(examples):
-    """Captions (answers of four words or more on average) are scored by BLEU-4, short answers by exact match."""
-    mean_words = sum(len(e["answer"].split()) for e in examples) / len(examples)
-    return bleu4 if mean_words >= 4 else exact_match
+def ngrams(words, n):
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+# Each task is scored by a named metric (results.json's "metrics"): exact match and BLEU-4 score the tiny tasks;
+# the real benchmarks' own scorers (VQA accuracy, option letters, box IoU, CIDEr...) are in part 2, in METRICS,
+# with metric_for, which picks one from the shape of a task's answers.
 
 
 def summarize(matrix):
@@ -677,7 +734,9 @@ def run_method(args, tasks):
     model.save_pretrained(args.out / "model")
     state["processor"].save_pretrained(args.out / "model")
     results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
-               **state["report"], "wall_time_s": round(time.time() - started, 1), "config": vars(args)}
+               "metrics": {name: task["metric"] for name, task in tasks.items()},
+               "records_cut": len(CUT.get(state["processor"], ())), **state["report"],
+               "wall_time_s": round(time.time() - started, 1), "config": vars(args)}
     write_json(args.out / "results.json", results)
     remove_checkpoints(args.out)  # <out>/model now holds the same weights
     table = format_table(matrix, rows, list(tasks), "after \\ on")
@@ -742,6 +801,24 @@ def task_names(text):
     return names
 
 
+def task_metrics(text):
+    """--metrics grounding=iou,imagenet=contains as {task: metric}."""
+    metrics = dict(item.partition("=")[::2] for item in text.split(","))
+    wrong = [f"{task}={metric}" for task, metric in metrics.items() if metric not in METRICS]
+    if wrong:
+        raise argparse.ArgumentTypeError(f"{', '.join(wrong)}: a metric is one of {', '.join(METRICS)}")
+    return metrics
+
+
+def task_files(text):
+    """--references textvqa=FILE,... as {task: FILE}, each file there."""
+    files = dict(item.partition("=")[::2] for item in text.split(","))
+    missing = [f"{task}={file}" for task, file in files.items() if not Path(file).is_file()]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{', '.join(missing)}: no such file")
+    return files
+
+
 def seed_list(text):
     try:
         seeds = [int(seed) for seed in text.split(",")]
@@ -795,6 +872,15 @@ def parse_args(argv=None):
     data.add_argument("--max-train", type=number(int, above=0), help="use at most this many training examples per task")
     data.add_argument("--max-test", type=number(int, above=0), help="use at most this many test examples per task")
     data.add_argument("--image-root", help="resolve image paths against this folder instead of each task folder")
+    data.add_argument("--eval-split", default="test", choices=["test", "val"],
+                      help="the file each task is scored on, where it has one (else the other)")
+    data.add_argument("--metrics", type=task_metrics, help="how a task is scored, e.g. grounding=iou,imagenet=contains "
+                      f"(one of {', '.join(METRICS)}; default: inferred from the task's answers)")
+    data.add_argument("--references", type=task_files, default={},
+                      help="a task's answers from a file of its own, by question id, e.g. "
+                           "textvqa=TextVQA_0.5.1_val.json (the official 10 answers per question)")
+    data.add_argument("--max-length", type=number(int, above=0),
+                      help="cut training records to this many tokens (default: the language model's limit)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="'tiny', or a Hugging Face hub id or local folder")
     model.add_argument("--base", default="align", choices=["align", "instruct"],
@@ -888,7 +974,15 @@ def check_inputs(args):
     args.tasks = args.tasks or default_task_names(data_dir)
     if not args.tasks:
         raise InputError(f"--data {data_dir}: no task folders in it (folders holding train.json and test.json)")
-    tasks = load_tasks(data_dir, args.tasks, args.max_train, args.max_test, args.image_root)
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file: results go into a folder")
+    for flag in ["metrics", "references"]:
+        unknown = [name for name in getattr(args, flag) or {} if name not in args.tasks]
+        if unknown:
+            raise InputError(f"--{flag} names {', '.join(unknown)}, not among the tasks ({', '.join(args.tasks)})")
+    metrics = {**(TINY_METRICS if data_dir.resolve() == HERE / "tiny_tasks" else {}), **(args.metrics or {})}
+    tasks = load_tasks(data_dir, args.tasks, args.max_train, args.max_test, args.image_root, args.eval_split,
+                       metrics, args.references)
     smallest = min(args.tasks, key=lambda name: len(tasks[name]["train"]))
     if args.method in ["replay", "all"] and args.replay_size > len(tasks[smallest]["train"]):
         raise InputError(f"--replay-size {args.replay_size} is more than the {len(tasks[smallest]['train'])} "
@@ -912,7 +1006,7 @@ def check_inputs(args):
 def default_task_names(data_dir):
     if not data_dir.is_dir():
         raise InputError(f"--data {data_dir}: no such folder")
-    names = sorted(p.name for p in data_dir.iterdir() if (p / "train.json").is_file())
+    names = sorted(p.name for p in data_dir.iterdir() if split_file(p, "train").is_file())
     return [n for n in TASK_ORDER if n in names] + [n for n in names if n not in TASK_ORDER]
 
 
@@ -923,44 +1017,133 @@ def check_task_folders(data_dir, names):
                              f"(there: {', '.join(default_task_names(data_dir)) or 'none'})")
 
 
+def split_file(folder, split):
+    """<split>.json (a JSON list of records) or, where that is absent, <split>.jsonl (one record per line)."""
+    lines = folder / f"{split}.jsonl"
+    return lines if lines.is_file() and not (folder / f"{split}.json").is_file() else folder / f"{split}.json"
+
+
+def scored_split(folder, eval_split):
+    """--eval-split (test or val) where the task has that file, else the other one: with --eval-split val, CoIN
+    is scored as it scores itself, on val for TextVQA, VizWiz and VQAv2 and on test for the other tasks."""
+    other = {"test": "val", "val": "test"}[eval_split]
+    return other if not split_file(folder, eval_split).is_file() and split_file(folder, other).is_file() else eval_split
+
+
 def read_records(path):
-    """A task file's JSON list of records, or an InputError naming the file (and line and column) and the problem."""
+    """A task file's records, or an InputError naming the file (and line and column) and the problem."""
     if not path.is_file():
-        raise InputError(f"{path}: missing (a task folder holds train.json and test.json)")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path}:{error.lineno}:{error.colno}: not valid JSON: {error.msg}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
+        raise InputError(f"{path}: missing (a task folder holds train.json and test.json, or .jsonl)")
+    records = read_json(path)
     if not isinstance(records, list) or not records:
-        raise InputError(f"{path}: expected a non-empty list of LLaVA records")
+        raise InputError(f"{path}: expected a non-empty list of records")
     return records
 
 
+def read_json(path):
+    """A .json file's document, or a .jsonl file's lines as a list (LLaVA's evaluation question files);
+    what does not parse ends in an InputError naming the file, line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    jsonl = path.suffix == ".jsonl"
+    documents = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()] if jsonl else [(1, text)]
+    parsed = []
+    for first_line, document in documents:
+        try:
+            parsed.append(json.loads(document))
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{first_line + error.lineno - 1}:{error.colno}: not valid JSON: "
+                             f"{error.msg}") from None
+    return parsed if jsonl else parsed[0]
+
+
+def named(record, where):
+    """Where a record is, with its id (LLaVA's 'id' or the benchmarks' 'question_id') from here on."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where} is not a JSON object")
+    key = next((key for key in ["id", "question_id"] if key in record), None)
+    return f"{where} ({key.replace('_', ' ')} {record[key]})" if key else where
+
+
 def check_record(record, where):
-    """That a record has an image and a human and a gpt turn with a non-empty answer; returns where, with its id."""
-    if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-        raise InputError(f"{where} has no 'image'")
-    where += f" (id {record['id']})" if "id" in record else ""
+    """That a conversation alternates human and gpt turns with text, from a question to a non-empty answer."""
+    where = named(record, where)
     turns = record.get("conversations")
-    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+    if not isinstance(turns, list) or not turns or not all(isinstance(turn, dict) for turn in turns):
         raise InputError(f"{where} has no 'conversations' list")
-    question = next((t.get("value") for t in turns if t.get("from") == "human"), None)
-    answer = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
-    if not isinstance(question, str) or not isinstance(answer, str):
-        raise InputError(f"{where} needs a 'human' and a 'gpt' turn with a 'value'")
-    if not answer.strip():
+    roles = ["human" if i % 2 == 0 else "gpt" for i in range(len(turns))]
+    if (len(turns) % 2 or [t.get("from") for t in turns] != roles
+            or not all(isinstance(t.get("value"), str) for t in turns)):
+        raise InputError(f"{where} needs a 'human' and a 'gpt' turn with a 'value', alternating, 'gpt' last")
+    if not all(t["value"].strip() for t in turns[1::2]):
         raise InputError(f"{where} has an empty 'gpt' answer")
     return where
 
 
+def flat_example(record, where, image_dir, allowed):
+    """A benchmark's evaluation record, as CoIN and UCIT release their test files: {"question_id", "image"?,
+    "text": the question, and "answer", "answers" (several human answers, as strings or {"answer": ...}) or
+    "answer_bbox" ("[x1, y1, x2, y2]" on a 0-1 scale)}. Trained on, its answer is its most common reference."""
+    where = named(record, where)
+    references = flat_references(record)
+    if not isinstance(record.get("text"), str) or references is None:
+        raise InputError(f"{where} has neither 'conversations' nor a 'text' question with an 'answer', 'answers' "
+                         "or 'answer_bbox'")
+    if not references or not all(references):
+        raise InputError(f"{where} has an empty answer")
+    return {"id": record.get("question_id", record.get("id")), "image": image_path(record, where, image_dir, allowed),
+            "history": [], "question": clean(record["text"]), "answer": Counter(references).most_common(1)[0][0],
+            "references": references}
+
+
+def flat_references(record):
+    """The answers a flat record is scored against, as stripped strings; None where it has no answer field."""
+    if "answer_bbox" in record:
+        bbox = record["answer_bbox"]
+        return [bbox.strip() if isinstance(bbox, str) else json.dumps(bbox)]
+    answers = record.get("answers", record.get("answer"))
+    if answers is None or isinstance(answers, dict):
+        return None
+    answers = answers if isinstance(answers, list) else [answers]
+    return [str(a.get("answer", "") if isinstance(a, dict) else a).strip() for a in answers]
+
+
+def take_references(examples, path):
+    """--references TASK=FILE: each test question's answers from FILE. FILE is a list of records {"question_id",
+    "answers": [...]} (.json or .jsonl), or holds one under "data" (TextVQA's official annotation) or
+    "annotations" (VQAv2's, answers as {"answer": ...}); or it is a COCO caption file (UCIT's), whose
+    {"image_id", "caption"} records number the test questions 1, 2, ... in file order, as MCITlib scores them."""
+    records = read_json(Path(path))
+    records = records.get("data", records.get("annotations")) if isinstance(records, dict) else records
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f"--references {path}: expected records with 'question_id' and 'answers'")
+    captions = all("caption" in r and "image_id" in r for r in records)
+    answers = {}
+    for r in records:
+        if captions:
+            answers.setdefault(str(r["image_id"]), []).append(str(r["caption"]).strip())
+        else:
+            answers[str(r.get("question_id"))] = flat_references(r)
+    for position, example in enumerate(examples, 1):
+        key = str(position if captions else example["id"])
+        if not answers.get(key):
+            raise InputError(f"--references {path}: no answers for question {'number' if captions else 'id'} {key}")
+        example["references"] = answers[key]
+
+
 def image_path(record, where, image_dir, allowed):
-    """The record's image as an absolute path, if it exists and lies inside `allowed` (--data or --image-root).
+    """The record's image as an absolute path, if it exists and lies inside `allowed` (--data or --image-root);
+    None for a record without one (a text-only instruction).
 
     A lexical check (no symlinks followed): a data file may not point at any file on the machine
     ('../../.ssh/id_rsa', '/etc/passwd'), while folders the user links in stay usable.
     """
+    if record.get("image") is None:
+        return None
+    if not isinstance(record["image"], str):
+        raise InputError(f"{where}: 'image' should be one path, not {record['image']!r}")
     image = os.path.abspath(image_dir / record["image"])
     if not Path(image).is_relative_to(os.path.abspath(allowed)):
         raise InputError(f"{where}: image {record['image']!r} is outside {allowed}: refused")
@@ -1002,8 +1185,132 @@ def errors_in_one_line(args):
         sys.exit(130)
 
 
+# ---------------------------------------------------------------- scorers of the real benchmarks
+def metric_for(examples):
+    """The metric a task's answers call for: boxes -> iou; a letter answer to listed options -> option; several
+    answers per question -> vqa (short) or cider (captions); one caption -> bleu4; else exact."""
+    references = [e["references"] for e in examples]
+    if all(box(r) for refs in references for r in refs):
+        return "iou"
+    if all(re.fullmatch(r"[A-Z]", r) for refs in references for r in refs) and all(
+            re.search(r"^\(?[A-Z][.)] ", e["question"], re.MULTILINE) for e in examples):
+        return "option"
+    long = sum(len(refs[0].split()) for refs in references) / len(references) >= 4
+    if max(map(len, references)) > 1:
+        return "cider" if long else "vqa"
+    return "bleu4" if long else "exact"
+
+
+def vqa_accuracy(predictions, references):
+    """VQA accuracy (Antol et al., 2015) as TextVQA and VQAv2 are scored: a prediction matching k of the other
+    human answers earns min(1, k/3), averaged over leaving each of the n answers out; EvalAI's normalization."""
+    total = 0.0
+    for prediction, refs in zip(predictions, references):
+        guess, answers = evalai_normalize(prediction), [evalai_normalize(r) for r in refs]
+        others = [answers[:i] + answers[i + 1:] for i in range(len(answers))]
+        total += sum(min(1.0, rest.count(guess) / 3) for rest in others) / len(answers)
+    return total / len(references)
+
+
+NUMBER_WORDS = dict(none="0", zero="0", one="1", two="2", three="3", four="4", five="5", six="6", seven="7",
+                    eight="8", nine="9", ten="10")
+# EvalAI's contractions, without their apostrophes: "dont" and "don't" are one answer ("im", "ive" are not there).
+CONTRACTIONS = set("""aint arent cant couldnt couldntve couldve didnt doesnt dont hadnt hadntve hasnt havent hed hedve
+hes howd howll hows isnt itd itdve itll lets maam mightnt mightntve mightve mustnt mustve neednt notve oclock oughtnt
+owsat shant shedve shes shouldnt shouldntve shouldve somebodyd somebodydve somebodyll somebodys someoned someonedve
+someonell someones somethingd somethingdve somethingll thats thered theredve therere theres theyd theydve theyll
+theyre theyve twas wasnt wedve werent weve whatll whatre whats whatve whens whered wheres whereve whod whodve wholl
+whos whove whyll whyre whys wont wouldnt wouldntve wouldve yall yalldve yallll youd youdve youll youre youve""".split())
+
+
+def evalai_normalize(answer):
+    """The VQA challenges' answer processing (EvalAI; CoIN's m4c_evaluator): lower case, commas and question marks
+    dropped, 's split off; other punctuation dropped where it touches a space, else made one; a period not before
+    a digit dropped; number words as digits; articles dropped; a contraction with or without its apostrophe."""
+    text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").replace("\n", " ").strip()
+    spaced = text
+    for mark in ';/[]"{}()=+\\_-><@`!':
+        text = text.replace(mark, "" if f"{mark} " in spaced or f" {mark}" in spaced else " ")
+    text = re.sub(r"\.(?!\d)", "", text)
+    words = [NUMBER_WORDS.get(word, word) for word in text.split() if word not in ("a", "an", "the")]
+    return " ".join(word.replace("'", "") if word.replace("'", "") in CONTRACTIONS else word for word in words)
+
+
+def option_accuracy(predictions, references):
+    """Multiple choice (ScienceQA) as CoIN scores it: the option letter read from the prediction (option_letter)
+    against the answer's letter."""
+    return sum(option_letter(p) in refs for p, refs in zip(predictions, references)) / len(references)
+
+
+def option_letter(prediction):
+    """The prediction itself if it is one capital letter; else the letter of an 'X. ' prefix; else its first
+    one-character word, upper-cased (CoIN's eval_science_qa)."""
+    if re.fullmatch(r"[A-Z]", prediction) or re.match(r"[A-Z]\. ", prediction):
+        return prediction[0]
+    words = re.findall(r"\b(\w)\b", prediction)
+    return words[0].upper() if words else None
+
+
+def contains(predictions, references):
+    """Classification (ImageNet) as CoIN scores it: right when the label is in the prediction or the prediction in
+    the label, on normalized text (an empty prediction is wrong here; CoIN's raw test would count it)."""
+    def right(prediction, label):
+        return bool(prediction) and (label in prediction or prediction in label)
+    return sum(any(right(normalize(p), normalize(r)) for r in refs)
+               for p, refs in zip(predictions, references)) / len(references)
+
+
+def box(text):
+    """A box [x1, y1, x2, y2] read from text: its four numbers, or None where there are not exactly four."""
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", text)
+    return [float(n) for n in numbers] if len(numbers) == 4 else None
+
+
+def iou_accuracy(predictions, references):
+    """Grounding (RefCOCO) as CoIN scores it: right when the predicted box overlaps the true one with an
+    intersection over union above 0.5 (the same on CoIN's 0-1 scale as in pixels)."""
+    def iou(a, b):
+        inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union if union > 0 else 0.0
+    return sum(bool(box(p)) and any(iou(box(p), box(r)) > 0.5 for r in refs)
+               for p, refs in zip(predictions, references)) / len(references)
+
+
+def cider(predictions, references, sigma=6.0):
+    """CIDEr-D (Vedantam et al., 2015) as the COCO caption evaluation computes it, for COCO, Flickr30k and UCIT:
+    per n = 1..4, tf-idf vectors of n-grams (document frequencies over the task's own references), the
+    prediction's weights clipped by the reference's, their cosine times a Gaussian penalty on the difference in
+    length (counted in bigrams, as there); the mean over n and over references, times 10; averaged over examples."""
+    def grams(text):
+        return sum((ngrams(normalize(text).split(), n) for n in range(1, 5)), Counter())
+    refs = [[grams(r) for r in rs] for rs in references]
+    frequency = Counter(gram for rs in refs for gram in set().union(*rs))
+
+    def tf_idf(counts):
+        vector = {g: c * (math.log(len(refs)) - math.log(max(1.0, frequency[g]))) for g, c in counts.items()}
+        norms = [math.sqrt(sum(v * v for g, v in vector.items() if len(g) == n)) for n in range(1, 5)]
+        return vector, norms, sum(c for g, c in counts.items() if len(g) == 2)
+
+    total = 0.0
+    for prediction, rs in zip(predictions, refs):
+        guess, guess_norms, guess_length = tf_idf(grams(prediction))
+        for ref in rs:
+            truth, truth_norms, truth_length = tf_idf(ref)
+            penalty = math.exp(-(guess_length - truth_length) ** 2 / (2 * sigma ** 2))
+            for n in range(1, 5):
+                dot = sum(min(v, truth.get(g, 0.0)) * truth.get(g, 0.0) for g, v in guess.items() if len(g) == n)
+                if guess_norms[n - 1] and truth_norms[n - 1]:
+                    total += 10 * penalty * dot / (guess_norms[n - 1] * truth_norms[n - 1]) / 4 / len(rs)
+    return total / len(refs)
+
+
+METRICS = {"exact": exact_match, "bleu4": bleu4, "vqa": vqa_accuracy, "option": option_accuracy,
+           "contains": contains, "iou": iou_accuracy, "cider": cider}
+
+
 # ---------------------------------------------------------------- encodings kept for the run
-ENCODINGS = weakref.WeakKeyDictionary()  # processor -> {(image, question, answer): encode_example's result}
+ENCODINGS = weakref.WeakKeyDictionary()  # processor -> {(image, history, question, answer): encode_example's result}
 ENCODED_BYTES = weakref.WeakKeyDictionary()  # processor -> bytes held for it
 ENCODING_BUDGET = 2 ** 30  # the tiny tasks take 25 MB; a real benchmark's pixels are re-made beyond 1 GiB
 
@@ -1011,7 +1318,7 @@ ENCODING_BUDGET = 2 ** 30  # the tiny tasks take 25 MB; a real benchmark's pixel
 def encoded(processor, example):
     """encode_example, done once per example (while the budget lasts): every step reuses the tokens and pixels."""
     cache = ENCODINGS.setdefault(processor, {})
-    key = (example["image"], example["question"], example["answer"])
+    key = (example["image"], tuple(example["history"]), example["question"], example["answer"])
     if key in cache:
         return cache[key]
     encoding = encode_example(processor, example)
@@ -1020,6 +1327,27 @@ def encoded(processor, example):
         cache[key] = encoding
         ENCODED_BYTES[processor] = ENCODED_BYTES.get(processor, 0) + size
     return encoding
+
+
+CUT = weakref.WeakKeyDictionary()  # processor -> the training records cut to --max-length
+
+
+def cut_to_length(encoding, processor, example):
+    """An encoding cut to the tokenizer's model_max_length (--max-length), as LLaVA cuts its training records;
+    refused where the cut would split the image's tokens. The first cut of a run says so; results.json counts."""
+    limit, length = processor.tokenizer.model_max_length, encoding["input_ids"].shape[1]
+    if length <= limit:
+        return encoding
+    image_token = getattr(processor, "image_token_id", None)
+    if image_token is not None and (encoding["input_ids"][0, limit:] == image_token).any():
+        raise InputError(f"--max-length {limit} cuts into the image's tokens of a record with question "
+                         f"{example['question'][:60]!r}: raise it")
+    if not CUT.get(processor):
+        tqdm.write(f"cit.py: a training record of {length} tokens is cut to --max-length {limit}, as are any "
+                   "others that long (results.json counts them in records_cut)")
+    CUT.setdefault(processor, set()).add((example["question"], example["answer"]))
+    return {key: tensor[:, :limit] if key != "pixel_values" and tensor.shape[:2] == (1, length) else tensor
+            for key, tensor in encoding.items()}
 
 
 # ---------------------------------------------------------------- files: the bases' cache, checkpoints and --resume

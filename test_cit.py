@@ -1,5 +1,6 @@
 """Tests for cit.py: HF_HUB_OFFLINE=1 python -m pytest -q test_cit.py  (offline, CPU, under 3 minutes)."""
 import json
+import math
 import os
 import random
 import subprocess
@@ -49,6 +50,11 @@ def write_task(folder, records):
         (folder / f"{split}.json").write_text(json.dumps(records))
 
 
+def example(image, question, answer, history=()):
+    return {"id": None, "image": image, "history": list(history), "question": question, "answer": answer,
+            "references": [answer]}
+
+
 def record(i, question, answer):
     return {"id": str(i), "image": f"images/{i}.png",
             "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
@@ -60,7 +66,8 @@ def test_loader_reads_llava_records_with_images_relative_to_the_task(tmp_path):
                                      record(1, "Which one?\n<image>", " blue ")])
     tasks = cit.load_tasks(tmp_path, ["colors"])
     first, second = tasks["colors"]["train"]
-    assert first == {"image": str(tmp_path / "colors" / "images" / "0.png"), "question": "What color?", "answer": "red"}
+    assert first == {"id": "0", "image": str(tmp_path / "colors" / "images" / "0.png"), "history": [],
+                     "question": "What color?", "answer": "red", "references": ["red"]}
     assert second["question"] == "Which one?" and second["answer"] == "blue"
     assert cit.default_task_names(tmp_path) == ["colors"]
 
@@ -86,7 +93,7 @@ def test_a_batch_of_encodings_kept_for_the_run_equals_the_processors_own_batch(t
     batch = cit.training_batch(processor, examples, "cpu")
     again = cit.training_batch(processor, examples, "cpu")  # from the encodings kept the first time
     processor.tokenizer.padding_side = "right"
-    full = [processor.apply_chat_template(cit.chat(e["question"], e["answer"])) for e in examples]
+    full = [processor.apply_chat_template(cit.chat(e)) for e in examples]
     expected = processor(images=cit.open_images(examples), text=full, padding=True, return_tensors="pt")
     assert batch["input_ids"].shape[1] > min(expected["attention_mask"].sum(1))  # lengths differ: padding is tested
     for key in ["input_ids", "attention_mask", "pixel_values"]:
@@ -113,8 +120,7 @@ def test_images_of_any_size_and_mode_reach_the_model_whole_and_model_sized(tmp_p
     wide.save(tmp_path / "wide.png")
     tall.save(tmp_path / "tall.png")
     wide.convert("L").save(tmp_path / "grey.png")
-    examples = [{"image": str(tmp_path / f"{name}.png"), "question": "What?", "answer": "this"}
-                for name in ["wide", "tall", "grey"]]
+    examples = [example(str(tmp_path / f"{name}.png"), "What?", "this") for name in ["wide", "tall", "grey"]]
     pixels = cit.training_batch(processor, examples, "cpu")["pixel_values"]
     size = cit.TINY_VISION["image_size"]
     assert pixels.shape == (3, 3, size, size)
@@ -122,6 +128,86 @@ def test_images_of_any_size_and_mode_reach_the_model_whole_and_model_sized(tmp_p
     ends = [pixels[0, :, :, 0], pixels[0, :, :, -1], pixels[1, :, 0, :], pixels[1, :, -1, :]]
     assert all(edge[red].min() > edge[blue].max() for edge in ends[0::2])
     assert all(edge[blue].min() > edge[red].max() for edge in ends[1::2])
+
+
+def test_a_conversation_trains_every_answer_and_nothing_else(tiny):
+    _, processor = tiny
+    chat = example(None, "And its size?", "big", history=[("What color?", "red")])
+    image_less, pictured = cit.encode_example(processor, chat), cit.encode_example(processor, example(
+        str(cit.HERE / "tiny_tasks" / "count" / "images" / "train_0000.png"), "How many?", "3"))
+    labels = image_less["labels"][0]
+    assert processor.tokenizer.decode(labels[labels != -100]).replace(" ", "") == "red</s>big</s>"
+    assert "pixel_values" not in image_less
+    batch = cit.collate([image_less, pictured], processor.tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 1  # one picture, for the one <image>
+
+
+def write_benchmark(root):
+    """Task folders shaped as CoIN, UCIT and LLaVA release them, the images under one shared --image-root."""
+    (root / "images" / "COCO2014").mkdir(parents=True)
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (40, 30), color).save(root / "images" / "COCO2014" / f"{i}.jpg")
+    image = lambda i: f"COCO2014/{i % 3}.jpg"
+    conversation = lambda i, question, answer: {"id": i, "image": image(i), "conversations": [
+        {"from": "human", "value": f"{question}\n<image>"}, {"from": "gpt", "value": answer}]}
+    flat = lambda i, text, **answer: {"question_id": i, "image": image(i), "text": text, **answer}
+    options = "Which color?\nA. red\nB. blue\nC. green\nAnswer with the option's letter from the given choices."
+    tasks = {
+        "scienceqa": ([conversation(i, options, "ABC"[i % 3]) for i in range(4)],
+                      {"test.json": [flat(i, options, answer="ABC"[i % 3]) for i in range(3)]}),
+        "textvqa": ([conversation(i, "What is written?", "stop") for i in range(4)],
+                    {"test.json": [flat(i, "What is written?", answer="stop") for i in range(3)],
+                     "val.json": [flat(i, "What is written?", answers=["stop"] * 7 + ["halt"] * 3) for i in range(3)]}),
+        "grounding": ([conversation(i, "Where is the dog?", "[0.1, 0.2, 0.5, 0.6]") for i in range(4)],
+                      {"test.json": [flat(i, "Where is the dog?", answer_bbox="[0.1, 0.2, 0.5, 0.6]", size=[40, 30])
+                                     for i in range(3)]}),
+        "imagenet": ([conversation(i, "What is this?", "goldfish") for i in range(4)],
+                     {"test.jsonl": [flat(i, "What is this?", answer="goldfish") for i in range(3)]}),
+        "flickr30k": ([conversation(i, "Describe the image briefly.", "a dog runs on the grass") for i in range(4)],
+                      {"test.json": [flat(i, "Describe the image briefly.", answers=[
+                          "a dog runs on the grass", "a brown dog is running"]) for i in range(3)]}),
+        "chat": ([{"id": "t", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"},
+                                                {"from": "human", "value": "Again?"}, {"from": "gpt", "value": "hi"}]},
+                  {"id": "long", "conversations": [{"from": "human", "value": "Repeat. " * 300},
+                                                   {"from": "gpt", "value": "done"}]}],
+                 {"test.json": [conversation(i, "What color?", "red") for i in range(3)]}),
+        "caption": ([conversation(i, "Write a caption.", "a red square in the middle") for i in range(4)],
+                    {"test.json": [conversation(i, "Write a caption.", "a red square in the middle")
+                                   for i in range(3)]}),
+    }
+    for name, (train, evaluation) in tasks.items():
+        (root / "tasks" / name).mkdir(parents=True)
+        (root / "tasks" / name / "train.json").write_text(json.dumps(train))
+        for file, records in evaluation.items():
+            lines = "\n".join(map(json.dumps, records)) if file.endswith(".jsonl") else json.dumps(records)
+            (root / "tasks" / name / file).write_text(lines)
+    return list(tasks)
+
+
+def test_the_released_benchmark_shapes_are_read_and_scored_by_their_own_metrics(tmp_path, cache):
+    names = write_benchmark(tmp_path)
+    results = run(tmp_path, cache, "--data", str(tmp_path / "tasks"), "--image-root", str(tmp_path / "images"),
+                  "--tasks", ",".join(names), "--metrics", "imagenet=contains", "--eval-split", "val",
+                  "--steps", "1", "--batch-size", "2", "--max-new-tokens", "8")
+    assert results["metrics"] == {"scienceqa": "option", "textvqa": "vqa", "grounding": "iou", "imagenet": "contains",
+                                  "flickr30k": "cider", "chat": "exact", "caption": "bleu4"}
+    assert results["records_cut"] == 1  # the 300-sentence turn, beyond the tiny model's 256 positions
+    # --eval-split val scores val.json where a task has one (textvqa) and test.json elsewhere, as CoIN does
+    assert results["config"]["eval_split"] == "val"
+    textvqa = cit.load_tasks(tmp_path / "tasks", ["textvqa"], image_root=tmp_path / "images")["textvqa"]
+    assert textvqa["test"][0]["references"] == ["stop"] and textvqa["metric"] == "exact"  # test.json by default
+    assert textvqa["test"][0]["image"] == str(tmp_path / "images" / "COCO2014" / "0.jpg")
+    official = {"data": [{"question_id": i, "answers": ["halt"] * 10} for i in range(3)]}  # TextVQA's own file
+    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps(official))
+    textvqa = cit.load_tasks(tmp_path / "tasks", ["textvqa"], image_root=tmp_path / "images",
+                             references={"textvqa": tmp_path / "TextVQA_0.5.1_val.json"})["textvqa"]
+    assert [e["references"] for e in textvqa["test"]] == [["halt"] * 10] * 3
+    coco = {"annotations": [{"image_id": i % 3 + 1, "caption": f"a dog runs, take {i}"} for i in range(6)]}  # UCIT's
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    flickr = cit.load_tasks(tmp_path / "tasks", ["flickr30k"], image_root=tmp_path / "images",
+                            references={"flickr30k": tmp_path / "captions.json"})["flickr30k"]
+    assert flickr["test"][1]["references"] == ["a dog runs, take 1", "a dog runs, take 4"]
+    assert flickr["metric"] == "cider"
 
 
 # ---- input errors: one line naming the file or flag, a non-zero exit, no traceback
@@ -145,11 +231,20 @@ def good_records():
     (lambda task: (task / "test.json").unlink(), "test.json: missing"),
     (lambda task: (task / "train.json").write_text('[\n {"id": 1,\n  oops}]'), "train.json:3:3: not valid JSON"),
     (lambda task: (task / "train.json").write_text("[]"), "train.json: expected a non-empty list"),
-    (lambda task: (task / "train.json").write_text('[{"conversations": []}]'), "record 0 has no 'image'"),
+    (lambda task: ((task / "test.json").unlink(), (task / "test.jsonl").write_text(
+        '{"question_id": 1, "text": "Q?", "answer": "red"}\n\n{oops}\n')), "test.jsonl:3:2: not valid JSON"),
+    (lambda task: (task / "train.json").write_text('[{"conversations": []}]'), "record 0 has no 'conversations'"),
     (lambda task: (task / "train.json").write_text('[{"id": "a", "image": "images/0.png"}]'),
-     "record 0 (id a) has no 'conversations' list"),
+     "record 0 (id a) has neither 'conversations' nor a 'text' question"),
+    (lambda task: (task / "test.json").write_text('[{"question_id": 7, "text": "Q?", "answer": " "}]'),
+     "record 0 (question id 7) has an empty answer"),
+    (lambda task: (task / "train.json").write_text('{"id": 3}\n'), "expected a non-empty list of records"),
+    (lambda task: (task / "train.json").write_text(json.dumps([dict(record(0, "Q?", "red"), image=["a", "b"])])),
+     "'image' should be one path"),
     (lambda task: (task / "train.json").write_text(json.dumps([dict(record(0, "Q?", "red"), conversations=[
         {"from": "human", "value": "Q?"}])])), "needs a 'human' and a 'gpt' turn"),
+    (lambda task: (task / "train.json").write_text(json.dumps([dict(record(0, "Q?", "red"), conversations=[
+        {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q?"}])])), "needs a 'human' and a 'gpt' turn"),
     (lambda task: (task / "train.json").write_text(json.dumps([record(0, "Q?", "  ")])), "empty 'gpt' answer"),
     (lambda task: (task / "images" / "1.png").unlink(), "1.png not found"),
     (lambda task: (task / "test.json").write_text(json.dumps([dict(record(0, "Q?", "red"), image="../../secret.png")])),
@@ -208,6 +303,13 @@ def test_an_earlier_run_is_not_overwritten_without_asking(tmp_path, capsys):
     assert (tmp_path / "out" / "results.json").read_text() == "{}"
 
 
+def test_flags_about_data_and_results_are_checked_against_them(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert "--out " + str(tmp_path / "file") + " is a file" in input_error(capsys, "--out", str(tmp_path / "file"))
+    assert "not among the tasks" in input_error(capsys, "--tasks", "count", "--metrics", "gqa=exact")
+    assert "a metric is one of exact, bleu4, vqa" in input_error(capsys, "--metrics", "count=accuracy")
+
+
 # ---- metrics
 def test_metrics_match_a_hand_worked_matrix():
     matrix = [[0.9, 0.1, 0.0],
@@ -252,16 +354,66 @@ def test_seeds_are_summarized_by_mean_and_sample_sd(tmp_path):
 
 
 def test_exact_match_normalizes_case_and_punctuation():
-    assert cit.exact_match(["Red.", " top  LEFT", "B"], ["red", "top left", "A"]) == pytest.approx(2 / 3)
+    assert cit.exact_match(["Red.", " top  LEFT", "B"], [["red"], ["top left"], ["A"]]) == pytest.approx(2 / 3)
+    assert cit.exact_match(["blue"], [["red", "Blue!"]]) == 1.0  # any of several references
 
 
 def test_bleu4_is_one_for_identical_zero_without_shared_4grams_and_penalizes_short():
-    reference = ["a red circle left of a blue square"]
-    assert cit.bleu4(reference, reference) == pytest.approx(1.0)
+    reference = [["a red circle left of a blue square"]]
+    assert cit.bleu4(reference[0], reference) == pytest.approx(1.0)
     assert cit.bleu4(["square blue a of left"], reference) == 0.0
     assert 0 < cit.bleu4(["a red circle left of a"], reference) < 1
-    assert cit.metric_for([{"answer": reference[0]}]) is cit.bleu4
-    assert cit.metric_for([{"answer": "top left"}]) is cit.exact_match
+    # clipped by the reference that has the most of an n-gram; brevity against the closest reference length
+    two = [["a red circle left of a blue square", "a red circle left of a"]]
+    assert cit.bleu4(["a red circle left of a"], two) == 1
+
+
+def test_vqa_accuracy_averages_min_1_matches_over_3_over_leave_one_out_subsets():
+    answers = ["red"] * 2 + ["blue"] * 8
+    assert cit.vqa_accuracy(["red"], [answers]) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert cit.vqa_accuracy(["Blue."], [answers]) == 1.0
+    assert cit.vqa_accuracy(["two"], [["2"] * 3 + ["3"] * 7]) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
+
+
+def test_evalai_normalization_of_vqa_answers():
+    assert cit.evalai_normalize("The Dog's bowl!") == "dog 's bowl"
+    assert cit.evalai_normalize("Don't") == cit.evalai_normalize("dont")
+    assert cit.evalai_normalize("3.5 m.") == "3.5 m" and cit.evalai_normalize("one, two") == "1 2"
+    assert cit.evalai_normalize("black-and-white") == "black and white"
+
+
+def test_option_letter_follows_coins_three_rules():
+    assert [cit.option_letter(p) for p in ["C", "B. because", "The answer is A", "a cat", "no"]] == [
+        "C", "B", "A", "A", None]
+    assert cit.option_accuracy(["B. blue", "C"], [["B"], ["A"]]) == 0.5
+
+
+def test_contains_iou_and_their_edge_cases():
+    assert cit.contains(["a goldfish", "fish", ""], [["goldfish"], ["goldfish"], ["goldfish"]]) == pytest.approx(2 / 3)
+    whole = [["[0, 0, 1, 1]"]] * 3
+    assert cit.iou_accuracy(["[0, 0, 0.8, 1]", "[0, 0, 0.5, 1]", "[0.1, 0.2]"], whole) == pytest.approx(1 / 3)
+
+
+def test_cider_matches_a_hand_worked_value():
+    # Two images, "a b" and "c d": every n-gram in one image's references only, so each weighs log 2.
+    # "a b" against "a b": cosine 1 for n = 1, 2 and nothing for 3, 4: 10 * (1 + 1) / 4 = 5.
+    # "c" against "c d": unigram cosine 1/sqrt(2), length 0 against 1 bigram: 10 * exp(-1/72) / sqrt(2) / 4.
+    expected = (5 + 10 * math.exp(-1 / 72) / math.sqrt(2) / 4) / 2
+    assert cit.cider(["a b", "c"], [["a b"], ["c d"]]) == pytest.approx(expected)
+    assert cit.cider(["c d"], [["c d", "x y"]]) == 0.0  # one image: every n-gram is in every "document"
+
+
+def test_metric_is_inferred_from_the_shape_of_the_answers():
+    def task(question, *references):
+        return [dict(example(None, question, references[0]), references=list(references))]
+    assert cit.metric_for(task("Where?", "[0.1, 0.2, 0.5, 0.6]")) == "iou"
+    assert cit.metric_for(task("Which?\nA. red\nB. blue", "B")) == "option"
+    assert cit.metric_for(task("Which letter?", "B")) == "exact"  # a letter, but no options listed
+    assert cit.metric_for(task("What?", "stop", "halt")) == "vqa"
+    assert cit.metric_for(task("Describe.", "a dog runs on the grass", "a brown dog")) == "cider"
+    assert cit.metric_for(task("Describe.", "a dog runs on the grass")) == "bleu4"
+    assert {task["metric"] for task in cit.load_tasks(cit.HERE / "tiny_tasks", cit.TASK_ORDER, max_test=5).values()} \
+        == {"bleu4", "exact", "option"}
 
 
 # ---- methods' mechanics
