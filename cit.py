@@ -801,22 +801,15 @@ def task_names(text):
     return names
 
 
-def task_metrics(text):
-    """--metrics grounding=iou,imagenet=contains as {task: metric}."""
-    metrics = dict(item.partition("=")[::2] for item in text.split(","))
-    wrong = [f"{task}={metric}" for task, metric in metrics.items() if metric not in METRICS]
-    if wrong:
-        raise argparse.ArgumentTypeError(f"{', '.join(wrong)}: a metric is one of {', '.join(METRICS)}")
-    return metrics
-
-
-def task_files(text):
-    """--references textvqa=FILE,... as {task: FILE}, each file there."""
-    files = dict(item.partition("=")[::2] for item in text.split(","))
-    missing = [f"{task}={file}" for task, file in files.items() if not Path(file).is_file()]
-    if missing:
-        raise argparse.ArgumentTypeError(f"{', '.join(missing)}: no such file")
-    return files
+def per_task(accept, problem):
+    """An argparse type for TASK=VALUE,... (--metrics, --references): {task: value}, each value accepted."""
+    def parse(text):
+        values = dict(item.partition("=")[::2] for item in text.split(","))
+        wrong = [f"{task}={value}" for task, value in values.items() if not accept(value)]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{', '.join(wrong)}: {problem}")
+        return values
+    return parse
 
 
 def seed_list(text):
@@ -874,9 +867,10 @@ def parse_args(argv=None):
     data.add_argument("--image-root", help="resolve image paths against this folder instead of each task folder")
     data.add_argument("--eval-split", default="test", choices=["test", "val"],
                       help="the file each task is scored on, where it has one (else the other)")
-    data.add_argument("--metrics", type=task_metrics, help="how a task is scored, e.g. grounding=iou,imagenet=contains "
-                      f"(one of {', '.join(METRICS)}; default: inferred from the task's answers)")
-    data.add_argument("--references", type=task_files, default={},
+    data.add_argument("--metrics", type=per_task(METRICS.__contains__, f"a metric is one of {', '.join(METRICS)}"),
+                      help="how a task is scored, e.g. grounding=iou,imagenet=contains "
+                           f"(one of {', '.join(METRICS)}; default: inferred from the task's answers)")
+    data.add_argument("--references", type=per_task(os.path.isfile, "no such file"), default={},
                       help="a task's answers from a file of its own, by question id, e.g. "
                            "textvqa=TextVQA_0.5.1_val.json (the official 10 answers per question)")
     data.add_argument("--max-length", type=number(int, above=0),
