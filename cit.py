@@ -11,6 +11,7 @@ the entry point. Part 2, after the fence, is support: flags, input checks, check
 """
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -70,11 +71,23 @@ TINY_CHAT_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %} {% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-# LoRA goes on the language model's attention and MLP projections, never on the vision tower.
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-# What the vision encoder and the vision-to-language projector are called across transformers' LMMs.
-VISION_NAMES = ["vision_tower", "visual", "vision_model"]
-PROJECTOR_NAMES = ["multi_modal_projector", "connector", "merger"]
+# A family whose processor has no chat template gets prompts as its model card writes them: BLIP-2 "Question: ...
+# Answer:", InstructBLIP the bare instruction (their processors put the query tokens in front), PaliGemma the
+# prompt after its image (its processor adds <bos> after the image and "\n" after the prompt, and joins the answer
+# itself). Any other family without one gets LLaVA-1.5's.
+TURN_TEXT = "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+CARD_TEMPLATES = {
+    "blip-2": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}Question: "
+              + TURN_TEXT + " Answer:{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
+    "instructblip": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}"
+                    + TURN_TEXT + "{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
+    "paligemma": "{% for m in messages %}{% if m['role'] == 'user' %}{% if loop.first %}{% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}" + TURN_TEXT
+                 + "{% else %}\n" + TURN_TEXT + "\n{% endif %}{% endfor %}",
+}
+# What trains (--train): the connector alone (InstructBLIP's setting: Q-Former and projection, the language model
+# frozen), LoRA on the language model plus the connector (LLaVA's usual fine-tuning), or all but the vision encoder.
+TRAINABLE = ["connector", "lora", "all"]
 
 
 # ---------------------------------------------------------------- data: LLaVA records to batches
@@ -141,8 +154,10 @@ def chat(example, answer=True):
 
 
 def open_images(examples):
-    """The pictures of the examples that have one, in order (a processor matches them to <image> in order)."""
-    return [open_image(e["image"]) for e in examples if e["image"]] or None
+    """The pictures of a batch, one list per example (empty without one), as every family's processor takes them;
+    None for a batch with no picture at all."""
+    images = [[open_image(e["image"])] if e["image"] else [] for e in examples]
+    return images if any(images) else None
 
 
 def open_image(path):
@@ -168,6 +183,11 @@ def encode_example(processor, example):
     """
     images = open_images([example])
     messages = chat(example)
+    if "suffix" in inspect.signature(processor.__call__).parameters:  # PaliGemma: prompt and answer go in apart,
+        # as its card trains it; the processor masks the prompt and marks it for prefix attention (token_type_ids)
+        prompt = processor.apply_chat_template(chat(example, answer=False), add_generation_prompt=True)
+        encoding = processor(images=images, text=[prompt], suffix=[example["answer"]], return_tensors="pt")
+        return cut_to_length(dict(encoding), processor, example)
 
     def length(prefix, **options):
         text = processor.apply_chat_template(prefix, **options)
@@ -292,8 +312,8 @@ def load_model(args, device):
         model.to(dtype)
     else:
         model, processor = load_pretrained(args.model, args, dtype)
-    if processor.chat_template is None:  # a model without one gets LLaVA-1.5's format
-        processor.chat_template = TINY_CHAT_TEMPLATE
+    if processor.chat_template is None:
+        processor.chat_template = CARD_TEMPLATES.get(model.config.model_type, TINY_CHAT_TEMPLATE)
     # Training records longer than this are cut (--max-length; by default the language model's own limit).
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     processor.tokenizer.model_max_length = args.max_length or min(processor.tokenizer.model_max_length,
@@ -306,24 +326,69 @@ def load_model(args, device):
     return model, processor
 
 
-def find_module(model, names):
-    """The full name of the vision encoder or the projector, whatever this model family calls it."""
-    for name, _ in model.named_modules():
-        if name.rsplit(".", 1)[-1] in names:
-            return name
-    raise InputError(f"the model has no module named any of {names}: is it an image-text-to-text model?")
+def model_parts(model):
+    """An LMM's parts, found by what they are, whatever a family calls them: the vision encoder and the language
+    model are what transformers' get_encoder("image") and get_decoder() give; the connector is every weight outside
+    both and the output head (a projector, a Q-Former with its query tokens, an image-newline vector), or, where a
+    family keeps it inside the vision encoder (Qwen-VL's merger), that encoder's last part with weights.
+    Returns module names: "vision", "language", "head", and "connector" (names of its parameters)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    vision, language, head = model.get_encoder("image"), model.get_decoder(), model.get_output_embeddings()
+    missing = [part for part, module in [("vision encoder", vision), ("language model", language)] if module is model]
+    if missing or head is None:
+        raise InputError(f"{type(model).__name__} has no {' or '.join(missing) or 'output head'} that transformers "
+                         "can point to: is it an image-text-to-text model?")
+    parts = {"vision": names[id(vision)], "language": names[id(language)], "head": names[id(head)]}
+    connector = [n for n, _ in model.named_parameters() if not any(inside(n, parts[p]) for p in parts)]
+    if not connector:
+        last = [child for child, module in vision.named_children() if any(True for _ in module.parameters())][-1]
+        connector = [n for n, _ in model.named_parameters() if inside(n, f"{parts['vision']}.{last}")]
+    return parts | {"connector": connector}
+
+
+def inside(name, module):
+    return name == module or name.startswith(module + ".")
 
 
 def freeze_vision_encoder(model):
-    """As in LLaVA's stage 2, the vision encoder is never tuned after pre-training."""
-    model.get_submodule(find_module(model, VISION_NAMES)).requires_grad_(False)
+    """As in LLaVA's stage 2, the vision encoder is never tuned after pre-training (nor Qwen-VL's, but its merger)."""
+    parts = model_parts(model)
+    for name, p in model.named_parameters():
+        if inside(name, parts["vision"]) and name not in parts["connector"]:
+            p.requires_grad_(False)
 
 
 def lora_config(args, model):
-    """LoRA on the language model; the projector trains fully (peft keeps a trainable copy of it)."""
-    projector = find_module(model, PROJECTOR_NAMES).rsplit(".", 1)[-1]
-    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS,
-                      modules_to_save=[projector])
+    """LoRA on every linear layer of the language model (its attention and MLP projections, whatever their names);
+    the connector's modules train fully (peft keeps a trainable copy of each). Bare connector weights that are no
+    module's own (BLIP's query tokens, LLaVA-NeXT's image newline) stay as pre-trained: peft copies modules only."""
+    parts = model_parts(model)
+    head = model.get_output_embeddings()
+    projections = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if inside(name, parts["language"]) and isinstance(module, torch.nn.Linear) and module is not head})
+    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, modules_to_save=whole_modules(model, parts["connector"]),
+                      target_modules=rf"{re.escape(parts['language'])}\..*\.({'|'.join(projections)})")
+
+
+def whole_modules(model, parameters):
+    """The largest modules that hold nothing but these parameters: what peft can keep a trainable copy of."""
+    chosen = set(parameters)
+
+    def whole(module):
+        return all(f"{module}.{name}" in chosen for name, _ in model.get_submodule(module).named_parameters())
+    owners = set()
+    for name in parameters:  # its enclosing modules, outermost first; a bare weight's may hold other things too
+        enclosing = [name.rsplit(".", k)[0] for k in range(name.count("."), 0, -1)]
+        owners.update(next(([module] for module in enclosing if whole(module)), []))
+    return sorted(owners)
+
+
+def train_connector(state, model):
+    """--train connector: only the connector learns (InstructBLIP's instruction tuning); it is saved whole."""
+    connector = set(model_parts(model)["connector"])
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in connector)
+    return model
 
 
 def trainable(model):
@@ -341,6 +406,17 @@ def load_snapshot(model, weights):
         p.copy_(weights[name])
 
 
+@contextmanager
+def weights_in(model, weights):
+    """The trainable weights set to a snapshot for a while, then back as they were."""
+    current = snapshot(model)
+    load_snapshot(model, weights)
+    try:
+        yield
+    finally:
+        load_snapshot(model, current)
+
+
 @torch.no_grad()
 def prototype_features(model, processor, examples, device):
     """What each example looks like to the model, before any answer: its mean image feature (vision tower and
@@ -351,15 +427,27 @@ def prototype_features(model, processor, examples, device):
     tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
     mask = tokens["attention_mask"].unsqueeze(-1)
     text = ((model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)).float()
-    pictured = [i for i, e in enumerate(examples) if e["image"]]
+    pictured = [e for e in examples if e["image"]]
     if not pictured:  # a text-only instruction has no image feature
         return torch.zeros_like(text), F.normalize(text, dim=-1)
-    pixels = processor.image_processor(open_images(examples), return_tensors="pt").to(device)
-    features = model.get_image_features(**pixels).pooler_output
-    means = torch.stack([f.reshape(-1, f.shape[-1]).float().mean(0) for f in features])
-    image = means.new_zeros(len(examples), means.shape[-1])
-    image[pictured] = means
+    # The processor's whole output for the pictured prompts, of which get_image_features takes what it needs (InstructBLIP's
+    # Q-Former reads the instruction too); the families return features per image, per tile or as one batch, but
+    # always one per image token, in order: so the image tokens of each prompt say which features are its own.
+    prompts = [processor.apply_chat_template(chat(e, answer=False), add_generation_prompt=True) for e in pictured]
+    batch = processor(images=open_images(pictured), text=prompts, padding=True, return_tensors="pt").to(device)
+    wanted = inspect.signature(model.get_image_features).parameters
+    output = model.get_image_features(**{key: value for key, value in batch.items() if key in wanted})
+    features = torch.cat([f.reshape(-1, f.shape[-1]) for f in output.pooler_output]).float()
+    per_image = features.split((batch["input_ids"] == image_token_id(model)).sum(1).tolist())
+    image = text.new_zeros(len(examples), features.shape[-1])
+    image[[i for i, e in enumerate(examples) if e["image"]]] = torch.stack([f.mean(0) for f in per_image])
     return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+
+
+def image_token_id(model):
+    """The token that stands for image features in a prompt (configs name it image_token_id or image_token_index)."""
+    config = model.config
+    return getattr(config, "image_token_id", None) or config.image_token_index
 
 
 def prototype_sample(examples, seed):
@@ -371,7 +459,7 @@ def prototype_sample(examples, seed):
 # A continual-learning method is a few hooks around one loop (avalanche's and mammoth's design). Every hook
 # has a default that changes nothing, so the loop calls each one and never asks which method it runs:
 #   stages(tasks, args) -> [(name, examples, steps)]   what is trained, in order: by default one stage per task
-#   prepare(state, model) -> model                     once, before the first stage (default: LoRA if --lora)
+#   prepare(state, model) -> model                     once, before the first stage (default: what --train says)
 #   before_task(state, model, examples)                before a stage is trained
 #   mix_batch(state, examples, rng) -> examples        what a training batch holds
 #   extra_loss(state, model, batch, outputs) -> loss   a term added to the loss at every step
@@ -388,7 +476,7 @@ def keep_model(state, model):
 
 
 def add_lora(state, model):
-    """--lora: only the LoRA adapters and the projector train; the shared weights stay as the base had them."""
+    """--train lora: only the LoRA adapters and the connector train; the shared weights stay as the base had them."""
     model.requires_grad_(False)
     return get_peft_model(model, lora_config(state["args"], model))
 
@@ -415,7 +503,7 @@ NO_HOOKS = dict(stages=one_stage_per_task, prepare=keep_model, before_task=do_no
 
 def method_hooks(args):
     """args.method's hooks over the defaults; a variant's hooks only when its flag is given."""
-    hooks = dict(NO_HOOKS, prepare=add_lora if args.lora else keep_model)
+    hooks = dict(NO_HOOKS, prepare=TRAINING[args.train])
     return hooks | METHODS[args.method] | variant_hooks(args)
 
 
@@ -639,26 +727,22 @@ def replay_mix(state, examples, rng):
 
 # ---------------------------------------------------------------- the methods: expansion (eproj)
 def eproj_prepare(state, model):
-    """Expansion, after the paper's expanded projection (EProj): the shared weights of the base stay frozen.
-
-    On an LMM: each task gets its own LoRA adapter on the language model and its own copy of the projector,
-    side by side through peft's named adapters (modules_to_save copies the projector per adapter).
+    """Expansion, after the paper's expanded projection (EProj): each task gets its own copy of what trains, so a
+    later task cannot change an earlier one's. On an LMM: the copies are of the connector (--train connector) or of
+    LoRA and the connector (--train lora, or all: one language model per task is not expansion); the rest is frozen.
     """
-    model.requires_grad_(False)
-    return get_peft_model(model, lora_config(state["args"], model), adapter_name="task0")
+    model = TRAINING["connector" if state["args"].train == "connector" else "lora"](state, model)
+    state["initial"] = snapshot(model)  # the base's connector (and LoRA's B = 0): where every expert starts
+    return model
 
 
 def eproj_before_task(state, model, examples):
-    """Only the new task's adapter and projector train, so nothing an earlier task learned can change."""
-    name = f"task{state['task']}"
-    if name not in model.peft_config:  # task0's was made by eproj_prepare
-        model.add_adapter(name, lora_config(state["args"], model))
-    model.set_adapter(name)
-    for param_name, p in model.named_parameters():
-        p.requires_grad = f".{name}." in param_name
+    """A new expert starts from the base's weights, not from the previous task's."""
+    load_snapshot(model, state["initial"])
 
 
 def eproj_after_task(state, model, examples):
+    state.setdefault("experts", []).append(snapshot(model))
     state.setdefault("keys", []).append(eproj_key(state, model, examples))
 
 
@@ -671,9 +755,9 @@ def eproj_key(state, model, examples):
 def routing_features(state, model, examples):
     """What the router sees: prototype_features of the base model, joined into one unit vector per example.
 
-    Adapters are switched off, so the features come from the frozen shared weights and never drift.
+    The base's weights are put back for it, so the features come from what never changes and never drift.
     """
-    with model.disable_adapter():
+    with weights_in(model, state["initial"]):
         image, text = prototype_features(model, state["processor"], examples, state["device"])
     return F.normalize(torch.cat([image, text], -1), dim=-1)
 
@@ -689,15 +773,14 @@ def eproj_answer(state, model, examples, task):
 
 
 def answer_with_experts(state, model, examples, routes):
-    """Each question answered with the adapter and projector of the task it was routed to."""
+    """Each question answered by the expert of the task it was routed to."""
     answers = [""] * len(examples)
     for task in sorted(set(routes)):
         chosen = [i for i, r in enumerate(routes) if r == task]
-        model.set_adapter(f"task{task}")
-        for i, answer in zip(chosen, generate(model, state["processor"], [examples[i] for i in chosen],
-                                              state["args"], state["device"])):
-            answers[i] = answer
-    model.set_adapter(f"task{state['task']}")
+        with weights_in(model, state["experts"][task]):
+            for i, answer in zip(chosen, generate(model, state["processor"], [examples[i] for i in chosen],
+                                                  state["args"], state["device"])):
+                answers[i] = answer
     return answers
 
 
@@ -708,6 +791,7 @@ def joint_stages(tasks, args):
     return [("joint", mixed, args.steps * len(tasks))]
 
 
+TRAINING = {"connector": train_connector, "lora": add_lora, "all": keep_model}  # --train: the default prepare hook
 METHODS = {
     "finetune": {},
     "ewc": {"after_task": ewc_after_task, "extra_loss": ewc_penalty},
@@ -884,11 +968,13 @@ def parse_args(argv=None):
     model.add_argument("--rebuild-base", action="store_true",
                        help="build both tiny bases again from the recipe in cit.py into tiny_tasks/base/models "
                             "(after changing the recipe), then run as usual")
-    model.add_argument("--lora", action=argparse.BooleanOptionalAction,
-                       help="train LoRA adapters on the language model plus the projector "
-                            "(default: on for real models, off for tiny)")
+    model.add_argument("--train", choices=TRAINABLE, help="what trains: the connector only (InstructBLIP's "
+                       "setting), LoRA on the language model plus the connector, or all but the vision encoder "
+                       "(default: lora for real models, all for tiny)")
+    model.add_argument("--lora", dest="train", action="store_const", const="lora", help="short for --train lora")
+    model.add_argument("--no-lora", dest="train", action="store_const", const="all", help="short for --train all")
     model.add_argument("--lora-rank", type=number(int, above=0), default=8,
-                       help="rank of LoRA adapters (--lora and eproj)")
+                       help="rank of LoRA adapters (--train lora and eproj)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' type; auto: bfloat16 on a GPU that has it, else float32")
     model.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
@@ -925,8 +1011,8 @@ def parse_args(argv=None):
     if args.analyze and args.resume:
         parser.error("argument --resume: an analysis has no checkpoints; it starts over with --overwrite")
     args.out = Path(args.out or f"runs/{args.analyze or args.method}")
-    if args.lora is None:
-        args.lora = args.model != "tiny"
+    if args.train is None:
+        args.train = "all" if args.model == "tiny" else "lora"
     if args.max_new_tokens is None:
         args.max_new_tokens = 16 if args.model == "tiny" else 64
     return args
@@ -1444,8 +1530,9 @@ def resume_run(args, device, hooks):
         model = PeftModel.from_pretrained(model, adapters[0].parent, adapter_name=names[0], is_trainable=True)
         for adapter, name in zip(adapters[1:], names[1:]):
             model.load_adapter(adapter.parent, adapter_name=name, is_trainable=True)
-    else:  # full weights: the checkpoint is a model folder of its own
+    else:  # full weights: the checkpoint is a model folder of its own, of which what --train says trains
         model, processor = load_model(with_args(args, model=str(saved)), device)
+        model = train_connector(None, model) if args.train == "connector" else model
     saved_state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
     state = {"args": args, "processor": processor, "device": device, "task": 0, **saved_state["memory"]}
     rng = random.Random()
@@ -1462,7 +1549,7 @@ def find_checkpoint(args):
         print(f"--resume: no finished task in {args.out}: starting from the first one")
         return None
     before, now = {**saved["config"], "tasks": saved["tasks"]}, vars(args)
-    different = [key for key in ["method", "tasks", "model", "base", "lora", "lora_rank", "seed"]
+    different = [key for key in ["method", "tasks", "model", "base", "train", "lora_rank", "seed"]
                  if before.get(key) != now[key]]
     if different:
         raise InputError(f"--resume: {args.out} holds a run with other {', '.join(different)}: "
@@ -1836,19 +1923,13 @@ def ewc_weigh_by_similarity(state, model, examples):
 
 
 def eproj_start_from_most_similar(state, model, examples):
-    """--similarity-init: the new adapter and projector start as copies of those of the earlier task whose key
-    is nearest to the new task's, instead of the base's (LoRA's B = 0), to transfer what the two share."""
-    eproj_before_task(state, model, examples)
+    """--similarity-init: the new expert starts as a copy of the earlier task's whose key is nearest to the new
+    task's, instead of the base's (LoRA's B = 0), to transfer what the two share."""
     if state["task"] == 0:
-        return
-    name = f"task{state['task']}"
+        return eproj_before_task(state, model, examples)
     source = int((torch.stack(state["keys"]) @ eproj_key(state, model, examples)).argmax())
     state["report"].setdefault("started_from", {})[state["task"]] = source
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for param_name, p in params.items():
-            if f".{name}." in param_name:
-                p.copy_(params[param_name.replace(f".{name}.", f".task{source}.")])
+    load_snapshot(model, state["experts"][source])
 
 
 def eproj_oracle_answer(state, model, examples, task):

@@ -458,20 +458,21 @@ def test_replay_keeps_the_set_number_per_task_and_mixes_them_into_batches():
     assert len(batch) == 16 and sum(e["task"] < 2 for e in batch) == 4
 
 
-def test_eproj_leaves_earlier_tasks_untouched_and_routes_to_the_right_task(tmp_path, cache):
+def test_eproj_leaves_the_shared_weights_and_earlier_experts_untouched_and_routes_right(tmp_path, cache):
     args = cit.parse_args(["--method", "eproj", "--tasks", "count,mcq", "--steps", "20", "--max-test", "20",
                            "--cache", str(cache), "--out", str(tmp_path), "--show", "0"])
     tasks = cit.load_tasks(cit.HERE / "tiny_tasks", ["count", "mcq"], None, 20)
-    snapshots = []
-
-    def after_task(state, model, examples):
-        cit.eproj_after_task(state, model, examples)
-        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if ".task0." in n})
-    hooks = cit.method_hooks(args) | {"after_task": after_task}
+    hooks = cit.method_hooks(args)
     model, state, rng, matrix = cit.start_run(args, "cpu", hooks)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    first_expert = []
+    hooks["after_task"] = lambda state, model, examples: (cit.eproj_after_task(state, model, examples),
+                                                          first_expert.append(cit.snapshot(model)))
     cit.run_sequence(model, tasks, hooks, state, rng, matrix)
-    before, after = snapshots
-    assert before and all(torch.equal(before[n], after[n]) for n in before)
+    expert = state["experts"][0]
+    assert all(torch.equal(expert[n], first_expert[0][n]) for n in expert)  # task 0's expert, as it finished
+    assert any(not torch.equal(expert[n], state["experts"][1][n]) for n in expert)  # task 1 trained its own
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert state["routing"] == {0: 1.0, 1: 1.0}
 
 
@@ -691,23 +692,21 @@ def test_similarity_weighted_ewc_penalizes_with_the_weighted_sum_of_each_tasks_f
     assert all(torch.allclose(state["fisher"][n], w0 * f0[n] + w1 * f1[n]) for n in f0)
 
 
-def test_similarity_init_starts_a_new_adapter_from_the_nearest_earlier_one(tmp_path, cache):
+def test_similarity_init_starts_a_new_expert_from_the_nearest_earlier_one(tmp_path, cache):
     args = cit.parse_args(["--method", "eproj", "--similarity-init", "--cache", str(cache)])
     hooks = cit.method_hooks(args)
     model, state, _, _ = cit.start_run(args, "cpu", hooks)
     hooks["before_task"](state, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
-    with torch.no_grad():  # stands in for training task 0: its adapter is no longer the base's
-        for name, p in model.named_parameters():
-            if ".task0." in name:
-                p.add_(0.01 * torch.randn_like(p))
+    with torch.no_grad():  # stands in for training task 0: its expert is no longer the base's
+        for p in cit.trainable(model).values():
+            p.add_(0.01 * torch.randn_like(p))
     hooks["after_task"](state, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
     state["task"] = 1
     hooks["before_task"](state, model, cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train"))
-    params = dict(model.named_parameters())
-    copied = [n for n in params if ".task1." in n]
-    assert copied and all(torch.equal(params[n], params[n.replace(".task1.", ".task0.")]) for n in copied)
-    assert state["report"]["started_from"] == {1: 0} and all(params[n].requires_grad for n in copied)
-    assert not any(p.requires_grad for n, p in params.items() if ".task1." not in n)
+    now = cit.trainable(model)
+    assert all(torch.equal(now[n], state["experts"][0][n]) for n in now)
+    assert any(not torch.equal(now[n], state["initial"][n]) for n in now)
+    assert state["report"]["started_from"] == {1: 0}
 
 
 # ---- real-model path, exercised on folders this project saves itself
@@ -715,10 +714,10 @@ def test_similarity_init_starts_a_new_adapter_from_the_nearest_earlier_one(tmp_p
 def test_every_method_runs_with_lora_and_saves_its_adapter(tmp_path, cache, method):
     results = run(tmp_path, cache, "--method", method, "--lora", "--tasks", "count,ocr", "--steps", "2",
                   "--max-test", "4")
-    assert results["config"]["lora"] and len(results["matrix"]) == (1 if method == "joint" else 2)
-    adapter = tmp_path / "out" / "model" / ("task1" if method == "eproj" else "") / "adapter_config.json"
-    saved = json.loads(adapter.read_text())
-    assert saved["modules_to_save"] == ["multi_modal_projector"] and "language_model" in saved["target_modules"]
+    assert results["config"]["train"] == "lora" and len(results["matrix"]) == (1 if method == "joint" else 2)
+    saved = json.loads((tmp_path / "out" / "model" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["model.multi_modal_projector"]
+    assert saved["target_modules"] == r"model\.language_model\..*\.(down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)"
 
 
 def test_a_saved_lora_run_loads_back_through_the_generic_path(tmp_path, cache):
