@@ -74,7 +74,8 @@ TINY_CHAT_TEMPLATE = (
 # A family whose processor has no chat template gets prompts as its model card writes them: BLIP-2 "Question: ...
 # Answer:", InstructBLIP the bare instruction (their processors put the query tokens in front), PaliGemma the
 # prompt after its image (its processor adds <bos> after the image and "\n" after the prompt, and joins the answer
-# itself). Any other family without one gets LLaVA-1.5's.
+# itself). Any other family without one gets LLaVA-1.5's. (transformers renders templates with trim_blocks, which
+# drops a newline written right after a tag: hence {{ '\n' }}.)
 TURN_TEXT = "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
 CARD_TEMPLATES = {
     "blip-2": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}Question: "
@@ -83,7 +84,7 @@ CARD_TEMPLATES = {
                     + TURN_TEXT + "{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
     "paligemma": "{% for m in messages %}{% if m['role'] == 'user' %}{% if loop.first %}{% for c in m['content'] %}"
                  "{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}" + TURN_TEXT
-                 + "{% else %}\n" + TURN_TEXT + "\n{% endif %}{% endfor %}",
+                 + "{% else %}{{ '\\n' }}" + TURN_TEXT + "{{ '\\n' }}{% endif %}{% endfor %}",
 }
 # What trains (--train): the connector alone (InstructBLIP's setting: Q-Former and projection, the language model
 # frozen), LoRA on the language model plus the connector (LLaVA's usual fine-tuning), or all but the vision encoder.
@@ -199,6 +200,8 @@ def encode_example(processor, example):
     for reply in range(1, len(messages), 2):
         start = length(messages[:reply], add_generation_prompt=True)
         end = length(messages[:reply + 1]) if reply + 1 < len(messages) else len(tokens)
+        while not processor.tokenizer.decode(tokens[end - 1]).strip():  # a template's newline after the turn's end
+            end -= 1
         encoding["labels"][0, start:end] = tokens[start:end]
     return cut_to_length(encoding, processor, example)
 
@@ -1248,6 +1251,17 @@ def model_loading_errors(name):
         first_line = str(error).strip().splitlines()[0]
         raise InputError(f"--model {name} is not an image-text-to-text model that transformers can load: "
                          f"{first_line}") from None
+    except ImportError as error:  # Qwen-VL, SmolVLM, LLaVA-OneVision and InternVL processors need torchvision, ...
+        said = re.split(r"(?<=\.)\s", str(error).strip().splitlines()[0])[0]
+        advice = next((how for package, how in INSTALL_ADVICE.items() if package in said.lower()),
+                      "install it and run again")
+        raise InputError(f"--model {name} needs a package that requirements.txt leaves out ({said}): {advice}") from None
+
+
+# What to install for a family's extra packages.
+INSTALL_ADVICE = {"torchvision": "pip install torchvision, the release built for your torch (the README's family "
+                                 "table names a tested pair: torch==2.14.1 torchvision==0.29.1)",
+                  "num2words": "pip install num2words"}
 
 
 @contextmanager

@@ -1,4 +1,5 @@
 """Tests for cit.py: HF_HUB_OFFLINE=1 python -m pytest -q test_cit.py  (offline, CPU, under 3 minutes)."""
+import importlib.util
 import json
 import math
 import os
@@ -10,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the network: the tin
 
 import pytest
 import torch
+import transformers
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -740,3 +742,284 @@ def test_an_unknown_model_ends_in_one_clear_line(tmp_path):
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("cit.py: cannot load --model no-such-org/no-such-model")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+# ---- model families: tiny random models of each, built here from their configs, saved in the Hugging Face layout
+# Each family gets the project's tokenizer with its own special tokens, its own processor and chat template (written
+# as its model card's, short), and a config of a few 64-wide layers. CIT_FULL=1 runs the slow ones (CI does).
+full_only = pytest.mark.skipif(not os.environ.get("CIT_FULL"), reason="slow: CIT_FULL=1 runs it (CI does)")
+SIZE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TEXT = dict(SIZE, num_key_value_heads=2, max_position_embeddings=512)
+VISION = dict(SIZE, image_size=32, patch_size=8)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+          "{% if c['type'] == 'image' %}IMAGE{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+IDEFICS3_CHAT = ("<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
+                 "{% if m['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}{% for c in m['content'] %}"
+                 "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<image>{% endif %}{% endfor %}"
+                 "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+GEMMA3_CHAT = ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+               "{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}"
+               "{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+               "{% endif %}")
+
+
+def family_tokenizer(special=(), plain=(), image_token="<image>", turn_end=None, **named):
+    """The shipped base's tokenizer with a family's special tokens; turn_end becomes its end-of-answer token."""
+    named = {"image_token": image_token, **named} if image_token else named
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(cit.SHIPPED_BASES / "align" / "tokenizer.json"), bos_token="<s>", pad_token="<pad>",
+        eos_token=turn_end or "</s>", extra_special_tokens=named)
+    tokenizer.add_special_tokens({"additional_special_tokens": [*special, *named.values()]},
+                                 replace_extra_special_tokens=False)
+    tokenizer.add_tokens(list(plain))
+    return tokenizer
+
+
+def ids(tokenizer, **tokens):
+    return {key: tokenizer.convert_tokens_to_ids(token) for key, token in tokens.items()}
+
+
+def text_config(tokenizer, **more):
+    return dict(TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **more)
+
+
+def llava_next(t):
+    pins = [[32, 32], [32, 64], [64, 32]]
+    tok = family_tokenizer()
+    processor = t.LlavaNextProcessor(
+        t.LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                     image_grid_pinpoints=pins), tok, patch_size=8,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=cit.TINY_CHAT_TEMPLATE)
+    config = t.LlavaNextConfig(vision_config=t.CLIPVisionConfig(**VISION), text_config=t.LlamaConfig(**text_config(tok)),
+                               image_token_index=tok.image_token_id, image_grid_pinpoints=pins, vision_feature_layer=-1)
+    return t.LlavaNextForConditionalGeneration(config), processor
+
+
+def blip(t, instruct):
+    """BLIP-2 / InstructBLIP: no chat template (cit.py writes the card's prompt); the processor adds <image> itself."""
+    tok = family_tokenizer(image_token=None)
+    kind = "InstructBlip" if instruct else "Blip2"
+    qformer = getattr(t, f"{kind}QFormerConfig")(vocab_size=len(tok), encoder_hidden_size=64, pad_token_id=0, **SIZE)
+    config = getattr(t, f"{kind}Config")(vision_config=getattr(t, f"{kind}VisionConfig")(**VISION), qformer_config=qformer,
+                                         text_config=t.LlamaConfig(**text_config(tok)), num_query_tokens=8,
+                                         image_token_index=tok.convert_tokens_to_ids("<image>"))
+    images = t.BlipImageProcessorPil(size={"height": 32, "width": 32})
+    processor = (t.InstructBlipProcessor(images, tok, tok, num_query_tokens=8) if instruct
+                 else t.Blip2Processor(images, tok, num_query_tokens=8))
+    return getattr(t, f"{kind}ForConditionalGeneration")(config), processor
+
+
+def qwen_vl(t, kind):
+    tok = family_tokenizer(["<|im_start|>", "<|vision_start|>", "<|vision_end|>"], image_token="<|image_pad|>",
+                           video_token="<|video_pad|>", turn_end="<|im_end|>")
+    template = CHATML.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")
+    processor = getattr(t, f"{kind}Processor")(
+        t.Qwen2VLImageProcessorPil(min_pixels=1024, max_pixels=1024, patch_size=8, merge_size=2), tok,
+        t.Qwen2VLVideoProcessor(patch_size=8, merge_size=2), chat_template=template)
+    vision = dict(depth=2, hidden_size=64, num_heads=4, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+    vision |= (dict(embed_dim=64, mlp_ratio=2) if kind == "Qwen2VL" else
+               dict(intermediate_size=128, out_hidden_size=64, window_size=32, fullatt_block_indexes=[1]))
+    text = text_config(tok, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+    config = getattr(t, f"{kind}Config")(text_config=text, vision_config=vision, **ids(
+        tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",
+        vision_end_token_id="<|vision_end|>"))
+    return getattr(t, f"{kind}ForConditionalGeneration")(config), processor
+
+
+def idefics3(t, smol):
+    tok = family_tokenizer(["<fake_token_around_image>", "<global-img>", "<|im_start|>"], turn_end="<end_of_utterance>",
+                           plain=[f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
+    images = (t.SmolVLMImageProcessorPil if smol else t.Idefics3ImageProcessorPil)(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    processor = (t.SmolVLMProcessor(images, tok, t.SmolVLMVideoProcessor(), image_seq_len=4, chat_template=IDEFICS3_CHAT)
+                 if smol else t.Idefics3Processor(images, tok, image_seq_len=4, chat_template=IDEFICS3_CHAT))
+    config = (t.SmolVLMConfig if smol else t.Idefics3Config)(
+        vision_config=VISION, text_config=dict(model_type="llama", **text_config(tok)), scale_factor=2,
+        image_token_id=tok.image_token_id)
+    return (t.SmolVLMForConditionalGeneration if smol else t.Idefics3ForConditionalGeneration)(config), processor
+
+
+def paligemma(t):
+    """No chat template (cit.py writes the card's prompt); its processor joins prompt and answer itself."""
+    tok = family_tokenizer()
+    images = t.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    images.image_seq_length = 16
+    processor = t.PaliGemmaProcessor(images, tok)  # adds PaliGemma's <loc> and <seg> tokens
+    config = t.PaliGemmaConfig(vision_config=t.SiglipVisionConfig(**VISION), projection_dim=64,
+                               text_config=t.GemmaConfig(head_dim=16, **text_config(tok)),
+                               image_token_index=tok.image_token_id)
+    return t.PaliGemmaForConditionalGeneration(config), processor
+
+
+def gemma3(t):
+    tok = family_tokenizer(["<start_of_turn>"], image_token="<image_soft_token>", turn_end="<end_of_turn>",
+                           boi_token="<start_of_image>", eoi_token="<end_of_image>")
+    processor = t.Gemma3Processor(t.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tok,
+                                  chat_template=GEMMA3_CHAT, image_seq_length=4)
+    config = t.Gemma3Config(text_config=t.Gemma3TextConfig(head_dim=16, sliding_window=64, **text_config(tok)),
+                            vision_config=t.SiglipVisionConfig(**VISION), mm_tokens_per_image=4, **ids(
+                                tok, boi_token_index="<start_of_image>", eoi_token_index="<end_of_image>",
+                                image_token_index="<image_soft_token>"))
+    return t.Gemma3ForConditionalGeneration(config), processor
+
+
+def onevision(t):
+    pins = [[32, 32], [32, 64], [64, 32]]
+    tok = family_tokenizer(["<|im_start|>"], video_token="<video>", turn_end="<|im_end|>")
+    processor = t.LlavaOnevisionProcessor(
+        t.LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pins), tok,
+        t.LlavaOnevisionVideoProcessor(), num_image_tokens=16, vision_feature_select_strategy="full",
+        chat_template=CHATML.replace("IMAGE", "<image>\n"))
+    config = t.LlavaOnevisionConfig(vision_config=t.SiglipVisionConfig(**VISION), text_config=t.Qwen2Config(
+        **text_config(tok)), image_grid_pinpoints=pins, vision_feature_select_strategy="full", vision_feature_layer=-1,
+        **ids(tok, image_token_index="<image>", video_token_index="<video>"))
+    return t.LlavaOnevisionForConditionalGeneration(config), processor
+
+
+def internvl(t):
+    tok = family_tokenizer(["<|im_start|>"], image_token=None, turn_end="<|im_end|>", start_image_token="<img>",
+                           end_image_token="</img>", context_image_token="<IMG_CONTEXT>", video_token="<video>")
+    processor = t.InternVLProcessor(t.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}), tok,
+                                    t.InternVLVideoProcessor(), image_seq_length=4,
+                                    chat_template=CHATML.replace("IMAGE", "<IMG_CONTEXT>\n"))
+    vision = t.InternVLVisionConfig(**dict(VISION, image_size=[32, 32], patch_size=[8, 8]))
+    config = t.InternVLConfig(vision_config=vision, text_config=t.Qwen2Config(**text_config(tok)), image_seq_length=4,
+                              image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
+                              vision_feature_layer=-1)
+    return t.InternVLForConditionalGeneration(config), processor
+
+
+# family: (builder, packages it needs beyond requirements.txt, the modules its connector is made of)
+FAMILIES = {
+    "llava": (lambda t: cit.tiny_model_and_processor(family_tokenizer()), [], ["model.multi_modal_projector"]),
+    "llava_next": (llava_next, [], ["model.multi_modal_projector"]),
+    "instructblip": (lambda t: blip(t, instruct=True), [], ["qformer", "language_projection"]),
+    "blip2": (lambda t: blip(t, instruct=False), [], ["qformer", "language_projection"]),
+    "idefics3": (lambda t: idefics3(t, smol=False), [], ["model.connector"]),
+    "paligemma": (paligemma, [], ["model.multi_modal_projector"]),
+    "gemma3": (gemma3, [], ["model.multi_modal_projector"]),
+    "qwen2_vl": (lambda t: qwen_vl(t, "Qwen2VL"), ["torchvision"], ["model.visual.merger"]),
+    "qwen2_5_vl": (lambda t: qwen_vl(t, "Qwen2_5_VL"), ["torchvision"], ["model.visual.merger"]),
+    "smolvlm": (lambda t: idefics3(t, smol=True), ["torchvision", "num2words"], ["model.connector"]),
+    "llava_onevision": (onevision, ["torchvision"], ["model.multi_modal_projector"]),
+    "internvl": (internvl, ["torchvision"], ["model.multi_modal_projector"]),
+}
+
+
+def family_params(*marks):
+    """One test per family; a family whose packages are missing here is skipped, saying what CI installs for it."""
+    return [pytest.param(name, id=name, marks=[*marks, *[pytest.mark.skipif(
+        importlib.util.find_spec(package) is None, reason=f"needs {package}: CI installs .ci/families.txt in a "
+        "second venv for it") for package in needs]]) for name, (_, needs, _) in FAMILIES.items()]
+
+
+@pytest.fixture(scope="session")
+def family_folder(tmp_path_factory):
+    """A function: the folder of a family's tiny model, built once per session."""
+    built = {}
+
+    def folder(name):
+        if name not in built:
+            torch.manual_seed(0)
+            model, processor = FAMILIES[name][0](transformers)
+            model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+            model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+            built[name] = tmp_path_factory.mktemp(name)
+            model.save_pretrained(built[name])
+            processor.save_pretrained(built[name])
+        return built[name]
+    return folder
+
+
+def loaded(folder):
+    args = cit.parse_args(["--model", str(folder)])
+    return cit.load_model(args, "cpu")
+
+
+@pytest.mark.parametrize("name", family_params())
+def test_each_family_trains_the_answers_of_a_conversation_and_nothing_else(name, family_folder):
+    _, processor = loaded(family_folder(name))
+    conversation = example(str(cit.HERE / "tiny_tasks" / "count" / "images" / "test_0000.png"), "What shape is it?", "a ring",
+                           history=[("What colour is it?", "red")])
+    encoding = cit.encode_example(processor, conversation)
+    labels = encoding["labels"][0]
+    assert labels.shape == encoding["input_ids"][0].shape
+    answered = torch.nonzero(labels != -100).flatten().tolist()
+    spans = []  # runs of consecutive labelled positions: one per answer the family's format trains
+    for position in answered:
+        if spans and spans[-1][-1] == position - 1:
+            spans[-1].append(position)
+        else:
+            spans.append([position])
+    said = [processor.tokenizer.decode(labels[span], skip_special_tokens=True).strip() for span in spans]
+    assert said == (["a ring"] if name == "paligemma" else ["red", "a ring"])  # PaliGemma's card is single-turn
+    ends = [processor.tokenizer.convert_ids_to_tokens(int(labels[span[-1]])) for span in spans]
+    assert set(ends) == {processor.tokenizer.eos_token}  # each answer ends with the token that stops generation
+
+
+@pytest.mark.parametrize("name", family_params())
+def test_each_familys_parts_are_found_by_what_they_are(name, family_folder):
+    model, _ = loaded(family_folder(name))
+    parts = cit.model_parts(model)
+    bare = {"query_tokens", "model.image_newline"}  # BLIP's queries, LLaVA-NeXT's and OneVision's newline
+    assert parts["connector"] and all(any(cit.inside(n, module) for module in FAMILIES[name][2]) or n in bare
+                                      for n in parts["connector"])
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if cit.inside(n, parts["vision"]) and n not in parts["connector"])
+    lora = cit.add_lora({"args": cit.parse_args([])}, model)
+    adapted = {n.split(".lora_A")[0] for n, _ in lora.named_parameters() if ".lora_A." in n}
+    assert adapted and all(".layers." in n and f"{parts['language']}." in n for n in adapted)
+    assert all(".modules_to_save." in n or ".lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+    connector_only = cit.train_connector(None, loaded(family_folder(name))[0])
+    assert {n for n, p in connector_only.named_parameters() if p.requires_grad} == set(parts["connector"])
+
+
+@pytest.mark.parametrize("name", family_params())
+def test_each_family_runs_expansion_routing_by_its_own_image_features(tmp_path, cache, name, family_folder):
+    results = run(tmp_path, cache, "--model", str(family_folder(name)), "--method", "eproj", "--train", "lora",
+                  "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
+    assert len(results["matrix"]) == 2 and 0 <= results["routing_accuracy"] <= 1
+
+
+@full_only
+@pytest.mark.parametrize("train", ["lora", "all", "connector"])
+@pytest.mark.parametrize("name", family_params())
+def test_each_family_runs_every_method_with_each_choice_of_what_trains(tmp_path, cache, name, train, family_folder):
+    every = run(tmp_path, cache, "--model", str(family_folder(name)), "--method", "all", "--train", train,
+                "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
+    assert [r["method"] for r in every] == cit.ALL_METHODS and all(r["config"]["train"] == train for r in every)
+    assert (tmp_path / "out" / "summary.png").is_file()
+
+
+def llava_next_from_the_tiny_base(folder):
+    """LLaVA-NeXT (anyres tiles, an image-newline vector, its own processor) on the align base's weights: a real
+    checkpoint arrives able to see, and a random frozen vision encoder barely lets a short run learn (README)."""
+    base, processor = cit.tiny_base("align", cit.parse_args([]), "cpu")
+    pins = [[32, 32], [32, 64], [64, 32]]
+    processor = transformers.LlavaNextProcessor(
+        transformers.LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                image_grid_pinpoints=pins), processor.tokenizer, patch_size=8,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=cit.TINY_CHAT_TEMPLATE)
+    config = transformers.LlavaNextConfig(vision_config=base.config.vision_config, text_config=base.config.text_config,
+                                          image_token_index=base.config.image_token_index, image_grid_pinpoints=pins,
+                                          vision_feature_layer=-1, vision_feature_select_strategy="default")
+    model = transformers.LlavaNextForConditionalGeneration(config)
+    assert model.load_state_dict(base.state_dict(), strict=False).missing_keys == ["model.image_newline"]
+    model.generation_config = base.generation_config
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("train", ["lora", "all"])
+def test_another_family_learns_a_task_with_lora_and_with_full_tuning(tmp_path, cache, train):
+    folder = llava_next_from_the_tiny_base(tmp_path / "llava_next")
+    args = cit.parse_args(["--model", str(folder), "--max-test", "40", "--show", "0"])
+    model, processor = cit.load_model(args, "cpu")
+    test = cit.load_tasks(cit.HERE / "tiny_tasks", ["count"], None, 40)["count"]["test"]
+    before = cit.exact_match(cit.generate(model, processor, test, args, "cpu"), [e["references"] for e in test])
+    results = run(tmp_path, cache, "--model", str(folder), "--train", train, "--tasks", "count", "--steps", "150",
+                  "--max-test", "40")
+    assert before < 0.3 and results["matrix"][0][0] >= 0.5
