@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image, ImageDraw, ImageFont
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 from transformers import (AutoModelForImageTextToText, AutoProcessor, BatchFeature, CLIPImageProcessorPil,
@@ -186,6 +186,8 @@ def encode_example(processor, example):
     messages = chat(example)
     if "suffix" in inspect.signature(processor.__call__).parameters:  # PaliGemma: prompt and answer go in apart,
         # as its card trains it; the processor masks the prompt and marks it for prefix attention (token_type_ids)
+        if images is None:
+            raise InputError(f"{type(processor).__name__} takes no text-only example, as {example['question'][:60]!r}")
         prompt = processor.apply_chat_template(chat(example, answer=False), add_generation_prompt=True)
         encoding = processor(images=images, text=[prompt], suffix=[example["answer"]], return_tensors="pt")
         return cut_to_length(dict(encoding), processor, example)
@@ -317,6 +319,7 @@ def load_model(args, device):
         model, processor = load_pretrained(args.model, args, dtype)
     if processor.chat_template is None:
         processor.chat_template = CARD_TEMPLATES.get(model.config.model_type, TINY_CHAT_TEMPLATE)
+    mend_blip_image_token(processor)
     # Training records longer than this are cut (--max-length; by default the language model's own limit).
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     processor.tokenizer.model_max_length = args.max_length or min(processor.tokenizer.model_max_length,
@@ -736,6 +739,7 @@ def eproj_prepare(state, model):
     """
     model = TRAINING["connector" if state["args"].train == "connector" else "lora"](state, model)
     state["initial"] = snapshot(model)  # the base's connector (and LoRA's B = 0): where every expert starts
+    state["saved_with_model"] = ["experts", "keys"]  # <out>/model holds the last expert; these are all of them
     return model
 
 
@@ -820,6 +824,8 @@ def run_method(args, tasks):
     # The Hugging Face layout; with LoRA only the adapter(s), which name the base model they go on.
     model.save_pretrained(args.out / "model")
     state["processor"].save_pretrained(args.out / "model")
+    if state.get("saved_with_model"):  # what a method needs beside the weights to answer (eproj: experts and keys)
+        torch.save({key: state[key] for key in state["saved_with_model"]}, args.out / "model" / "method_state.pt")
     results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
                "metrics": {name: task["metric"] for name, task in tasks.items()},
                "records_cut": len(CUT.get(state["processor"], ())), **state["report"],
@@ -1256,6 +1262,14 @@ def model_loading_errors(name):
         advice = next((how for package, how in INSTALL_ADVICE.items() if package in said.lower()),
                       "install it and run again")
         raise InputError(f"--model {name} needs a package that requirements.txt leaves out ({said}): {advice}") from None
+
+
+def mend_blip_image_token(processor):
+    """transformers 5.23's BLIP-2 and InstructBLIP processors read their image token's .content, as if it were always
+    the AddedToken they make when the tokenizer names none; a tokenizer that names one (image_token in its config)
+    would end every call in an AttributeError. They get the AddedToken they expect."""
+    if hasattr(processor, "num_query_tokens") and isinstance(getattr(processor, "image_token", None), str):
+        processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
 
 
 # What to install for a family's extra packages.

@@ -798,8 +798,9 @@ def llava_next(t):
 
 
 def blip(t, instruct):
-    """BLIP-2 / InstructBLIP: no chat template (cit.py writes the card's prompt); the processor adds <image> itself."""
-    tok = family_tokenizer(image_token=None)
+    """BLIP-2 / InstructBLIP: no chat template (cit.py writes the card's prompt); the processor adds the query tokens.
+    InstructBLIP's tokenizer names its image token, BLIP-2's does not: both kinds must work (mend_blip_image_token)."""
+    tok = family_tokenizer(image_token="<image>" if instruct else None)
     kind = "InstructBlip" if instruct else "Blip2"
     qformer = getattr(t, f"{kind}QFormerConfig")(vocab_size=len(tok), encoder_hidden_size=64, pad_token_id=0, **SIZE)
     config = getattr(t, f"{kind}Config")(vision_config=getattr(t, f"{kind}VisionConfig")(**VISION), qformer_config=qformer,
@@ -981,6 +982,8 @@ def test_each_family_runs_expansion_routing_by_its_own_image_features(tmp_path, 
     results = run(tmp_path, cache, "--model", str(family_folder(name)), "--method", "eproj", "--train", "lora",
                   "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
     assert len(results["matrix"]) == 2 and 0 <= results["routing_accuracy"] <= 1
+    kept = torch.load(tmp_path / "out" / "model" / "method_state.pt", weights_only=True)
+    assert len(kept["experts"]) == len(kept["keys"]) == 2
 
 
 @full_only
@@ -1023,3 +1026,9 @@ def test_another_family_learns_a_task_with_lora_and_with_full_tuning(tmp_path, c
     results = run(tmp_path, cache, "--model", str(folder), "--train", train, "--tasks", "count", "--steps", "150",
                   "--max-test", "40")
     assert before < 0.3 and results["matrix"][0][0] >= 0.5
+
+
+def test_a_family_whose_processor_needs_an_image_refuses_a_text_only_example_in_one_line(family_folder):
+    _, processor = loaded(family_folder("paligemma"))
+    with pytest.raises(cit.InputError, match="PaliGemmaProcessor takes no text-only example"):
+        cit.encode_example(processor, example(None, "Say hi.", "hi"))
