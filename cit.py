@@ -371,9 +371,11 @@ def lora_config(args, model):
     parts = model_parts(model)
     head = model.get_output_embeddings()
     projections = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                          if inside(name, parts["language"]) and isinstance(module, torch.nn.Linear) and module is not head})
-    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, modules_to_save=whole_modules(model, parts["connector"]),
-                      target_modules=rf"{re.escape(parts['language'])}\..*\.({'|'.join(projections)})")
+                          if inside(name, parts["language"]) and isinstance(module, torch.nn.Linear)
+                          and module is not head})
+    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                      target_modules=rf"{re.escape(parts['language'])}\..*\.({'|'.join(projections)})",
+                      modules_to_save=whole_modules(model, parts["connector"]))
 
 
 def whole_modules(model, parameters):
@@ -436,9 +438,9 @@ def prototype_features(model, processor, examples, device):
     pictured = [e for e in examples if e["image"]]
     if not pictured:  # a text-only instruction has no image feature
         return torch.zeros_like(text), F.normalize(text, dim=-1)
-    # The processor's whole output for the pictured prompts, of which get_image_features takes what it needs (InstructBLIP's
-    # Q-Former reads the instruction too); the families return features per image, per tile or as one batch, but
-    # always one per image token, in order: so the image tokens of each prompt say which features are its own.
+    # The processor's whole output for the pictured prompts, of which get_image_features takes what it needs
+    # (InstructBLIP's Q-Former reads the instruction too); the families return features per image, per tile or as
+    # one batch, but always one per image token, in order: so each prompt's image tokens say which are its own.
     prompts = [processor.apply_chat_template(chat(e, answer=False), add_generation_prompt=True) for e in pictured]
     batch = processor(images=open_images(pictured), text=prompts, padding=True, return_tensors="pt").to(device)
     wanted = inspect.signature(model.get_image_features).parameters
@@ -820,6 +822,7 @@ def run_method(args, tasks):
         return json.loads((args.out / "results.json").read_text())
     device, hooks = pick_device(args.device), method_hooks(args)
     model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
+    check_pictures(model, tasks)
     rows, matrix = run_sequence(model, tasks, hooks, state, rng, matrix)
     # The Hugging Face layout; with LoRA only the adapter(s), which name the base model they go on.
     model.save_pretrained(args.out / "model")
@@ -1261,7 +1264,8 @@ def model_loading_errors(name):
         said = re.split(r"(?<=\.)\s", str(error).strip().splitlines()[0])[0]
         advice = next((how for package, how in INSTALL_ADVICE.items() if package in said.lower()),
                       "install it and run again")
-        raise InputError(f"--model {name} needs a package that requirements.txt leaves out ({said}): {advice}") from None
+        raise InputError(f"--model {name} needs a package that requirements.txt leaves out ({said}): "
+                         f"{advice}") from None
 
 
 def mend_blip_image_token(processor):
@@ -1270,6 +1274,19 @@ def mend_blip_image_token(processor):
     would end every call in an AttributeError. They get the AddedToken they expect."""
     if hasattr(processor, "num_query_tokens") and isinstance(getattr(processor, "image_token", None), str):
         processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
+
+
+def check_pictures(model, tasks):
+    """A model whose forward requires pixels (BLIP-2 and InstructBLIP put their query tokens before every prompt)
+    takes no text-only example: said in one line before any training, naming the task."""
+    model = getattr(model, "get_base_model", lambda: model)()  # under peft, the model it wraps
+    if inspect.signature(model.forward).parameters["pixel_values"].default is not inspect.Parameter.empty:
+        return
+    for name, task in tasks.items():
+        bare = [e for e in task["train"] + task["test"] if not e["image"]]
+        if bare:
+            raise InputError(f"{type(model).__name__} needs a picture in every example; task {name} has "
+                             f"{len(bare)} without one, as {bare[0]['question'][:60]!r}")
 
 
 # What to install for a family's extra packages.

@@ -792,8 +792,9 @@ def llava_next(t):
         t.LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                      image_grid_pinpoints=pins), tok, patch_size=8,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=cit.TINY_CHAT_TEMPLATE)
-    config = t.LlavaNextConfig(vision_config=t.CLIPVisionConfig(**VISION), text_config=t.LlamaConfig(**text_config(tok)),
-                               image_token_index=tok.image_token_id, image_grid_pinpoints=pins, vision_feature_layer=-1)
+    config = t.LlavaNextConfig(vision_config=t.CLIPVisionConfig(**VISION),
+                               text_config=t.LlamaConfig(**text_config(tok)), image_token_index=tok.image_token_id,
+                               image_grid_pinpoints=pins, vision_feature_layer=-1)
     return t.LlavaNextForConditionalGeneration(config), processor
 
 
@@ -803,7 +804,8 @@ def blip(t, instruct):
     tok = family_tokenizer(image_token="<image>" if instruct else None)
     kind = "InstructBlip" if instruct else "Blip2"
     qformer = getattr(t, f"{kind}QFormerConfig")(vocab_size=len(tok), encoder_hidden_size=64, pad_token_id=0, **SIZE)
-    config = getattr(t, f"{kind}Config")(vision_config=getattr(t, f"{kind}VisionConfig")(**VISION), qformer_config=qformer,
+    vision = getattr(t, f"{kind}VisionConfig")(**VISION)
+    config = getattr(t, f"{kind}Config")(vision_config=vision, qformer_config=qformer,
                                          text_config=t.LlamaConfig(**text_config(tok)), num_query_tokens=8,
                                          image_token_index=tok.convert_tokens_to_ids("<image>"))
     images = t.BlipImageProcessorPil(size={"height": 32, "width": 32})
@@ -834,8 +836,9 @@ def idefics3(t, smol):
                            plain=[f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
     images = (t.SmolVLMImageProcessorPil if smol else t.Idefics3ImageProcessorPil)(
         size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-    processor = (t.SmolVLMProcessor(images, tok, t.SmolVLMVideoProcessor(), image_seq_len=4, chat_template=IDEFICS3_CHAT)
-                 if smol else t.Idefics3Processor(images, tok, image_seq_len=4, chat_template=IDEFICS3_CHAT))
+    processor = (t.SmolVLMProcessor(images, tok, t.SmolVLMVideoProcessor(), image_seq_len=4,
+                                    chat_template=IDEFICS3_CHAT) if smol
+                 else t.Idefics3Processor(images, tok, image_seq_len=4, chat_template=IDEFICS3_CHAT))
     config = (t.SmolVLMConfig if smol else t.Idefics3Config)(
         vision_config=VISION, text_config=dict(model_type="llama", **text_config(tok)), scale_factor=2,
         image_token_id=tok.image_token_id)
@@ -942,8 +945,8 @@ def loaded(folder):
 @pytest.mark.parametrize("name", family_params())
 def test_each_family_trains_the_answers_of_a_conversation_and_nothing_else(name, family_folder):
     _, processor = loaded(family_folder(name))
-    conversation = example(str(cit.HERE / "tiny_tasks" / "count" / "images" / "test_0000.png"), "What shape is it?", "a ring",
-                           history=[("What colour is it?", "red")])
+    picture = str(cit.HERE / "tiny_tasks" / "count" / "images" / "test_0000.png")
+    conversation = example(picture, "What shape is it?", "a ring", history=[("What colour is it?", "red")])
     encoding = cit.encode_example(processor, conversation)
     labels = encoding["labels"][0]
     assert labels.shape == encoding["input_ids"][0].shape
@@ -1028,7 +1031,13 @@ def test_another_family_learns_a_task_with_lora_and_with_full_tuning(tmp_path, c
     assert before < 0.3 and results["matrix"][0][0] >= 0.5
 
 
-def test_a_family_whose_processor_needs_an_image_refuses_a_text_only_example_in_one_line(family_folder):
-    _, processor = loaded(family_folder("paligemma"))
+def test_a_family_that_needs_a_picture_refuses_text_only_examples_in_one_line(tmp_path, capsys, family_folder):
+    _, processor = loaded(family_folder("paligemma"))  # its processor refuses them
     with pytest.raises(cit.InputError, match="PaliGemmaProcessor takes no text-only example"):
         cit.encode_example(processor, example(None, "Say hi.", "hi"))
+    write_task(tmp_path / "data" / "chat", [record(0, "<image>\nWhat colour?", "red"),
+                                            {"id": "1", "conversations": [{"from": "human", "value": "Say hi."},
+                                                                          {"from": "gpt", "value": "hi"}]}])
+    message = input_error(capsys, "--model", str(family_folder("blip2")), "--data", str(tmp_path / "data"),
+                          "--out", str(tmp_path / "out"))  # its model puts query tokens before every prompt
+    assert "Blip2ForConditionalGeneration needs a picture in every example; task chat has 2 without one" in message
