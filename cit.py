@@ -553,6 +553,8 @@ def run_sequence(model, tasks, hooks, state, rng, matrix):
     """
     args = state["args"]
     stages = hooks["stages"](tasks, args)
+    if not matrix:  # the base before any task: what each task scores untrained, for forward transfer
+        state["report"]["zero_shot"] = evaluate_all(state, model, tasks, "before any task (the base)")
     for i, (name, examples, steps) in enumerate(stages[len(matrix):], start=len(matrix)):
         state["task"] = i
         hooks["before_task"](state, model, examples)
@@ -648,6 +650,14 @@ def summarize(matrix):
     return {"average": average, "forgetting": forgetting, "bwt": bwt}
 
 
+def forward_transfer(matrix, zero_shot):
+    """fwt: how much the tasks before task j help it before it is trained, against the base's untrained score:
+    the mean over j > 0 of R[j-1][j] - zero_shot[j] (None with one row, as joint's)."""
+    if len(matrix) < 2:
+        return None
+    return sum(matrix[j - 1][j] - zero_shot[j] for j in range(1, len(matrix))) / (len(matrix) - 1)
+
+
 # ---------------------------------------------------------------- the methods: regularization (EWC, LwF)
 def ewc_after_task(state, model, examples):
     """Elastic Weight Consolidation (Kirkpatrick et al., 2017), online form (Schwarz et al., 2018).
@@ -716,13 +726,15 @@ def lwf_distillation(state, model, batch, outputs):
 
 # ---------------------------------------------------------------- the methods: replay
 def replay_after_task(state, model, examples):
-    """Experience replay (e.g. Chaudhry et al., 2019): keep a few training examples of each finished task.
+    """Experience replay (e.g. Chaudhry et al., 2019): keep a few training examples of each finished task
+    (--replay-size of them, or --replay-fraction of its training set, as the paper's 1%).
 
     On an LMM the buffer holds instruction data (image path, instruction, answer), as the paper's replay
     does, not model outputs; each later batch swaps a share of its examples for buffered ones.
     """
     args = state["args"]
-    kept = random.Random(args.seed + state["task"]).sample(examples, args.replay_size)
+    size = max(1, round(args.replay_fraction * len(examples))) if args.replay_fraction else args.replay_size
+    kept = random.Random(args.seed + state["task"]).sample(examples, size)
     state.setdefault("buffer", []).extend(kept)
 
 
@@ -829,16 +841,19 @@ def run_method(args, tasks):
     state["processor"].save_pretrained(args.out / "model")
     if state.get("saved_with_model"):  # what a method needs beside the weights to answer (eproj: experts and keys)
         torch.save({key: state[key] for key in state["saved_with_model"]}, args.out / "model" / "method_state.pt")
+    zero_shot = state["report"]["zero_shot"]
     results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
+               "fwt": forward_transfer(matrix, zero_shot),
                "metrics": {name: task["metric"] for name, task in tasks.items()},
                "records_cut": len(CUT.get(state["processor"], ())), **state["report"],
                "wall_time_s": round(time.time() - started, 1), "config": vars(args)}
     write_json(args.out / "results.json", results)
     remove_checkpoints(args.out)  # <out>/model now holds the same weights
-    table = format_table(matrix, rows, list(tasks), "after \\ on")
-    print(f"\naccuracy matrix R (row: after training task i; column: score on task j)\n{table}")
+    table = format_table([zero_shot, *matrix], ["(base)", *rows], list(tasks), "after \\ on")
+    print(f"\naccuracy matrix R (row: after training task i, the base first; column: score on task j)\n{table}")
+    fwt = "" if results["fwt"] is None else f"  fwt {results['fwt']:+.3f}"
     print(f"\n{args.method}: average {results['average']:.3f}  forgetting {results['forgetting']:.3f}  "
-          f"bwt {results['bwt']:+.3f}  ({results['wall_time_s']:.0f} s)  -> {args.out / 'results.json'}")
+          f"bwt {results['bwt']:+.3f}{fwt}  ({results['wall_time_s']:.0f} s)  -> {args.out / 'results.json'}")
     return results
 
 
@@ -1011,6 +1026,9 @@ def parse_args(argv=None):
     cl.add_argument("--lwf-temperature", type=number(float, above=0), default=2.0, help="LwF: softmax temperature")
     cl.add_argument("--replay-size", type=number(int, above=0), default=20,
                     help="replay: examples kept per finished task")
+    cl.add_argument("--replay-fraction", type=number(float, above=0, at_most=1),
+                    help="replay: keep this share of each finished task's training set instead (the paper's: 0.01), "
+                         "at least one example")
     cl.add_argument("--replay-ratio", type=number(float, at_least=0, at_most=1), default=0.25,
                     help="replay: share of each batch from the buffer")
     cl.add_argument("--oracle-task", action="store_true", help="eproj: give the true task instead of routing")
@@ -1076,7 +1094,8 @@ def check_inputs(args):
     tasks = load_tasks(data_dir, args.tasks, args.max_train, args.max_test, args.image_root, args.eval_split,
                        metrics, args.references)
     smallest = min(args.tasks, key=lambda name: len(tasks[name]["train"]))
-    if args.method in ["replay", "all"] and args.replay_size > len(tasks[smallest]["train"]):
+    too_many = not args.replay_fraction and args.replay_size > len(tasks[smallest]["train"])
+    if args.method in ["replay", "all"] and too_many:
         raise InputError(f"--replay-size {args.replay_size} is more than the {len(tasks[smallest]['train'])} "
                          f"training examples of task {smallest!r}")
     for flag, (method, _) in VARIANTS.items():
@@ -1697,13 +1716,14 @@ def compare(runs, out):
         summary["methods"][results[0]["method"]] = {
             "tasks": results[0]["tasks"], "rows": results[0]["rows"],
             "matrix": mean_matrix([r["matrix"] for r in results]),
-            **{key: spread([r[key] for r in results]) for key in ["average", "forgetting", "bwt", "wall_time_s"]},
+            **{key: spread([r.get(key) for r in results])
+               for key in ["average", "forgetting", "bwt", "fwt", "wall_time_s"]},
             "diagonal": spread([diagonal_mean(r) for r in results])}
     write_json(out / "summary.json", summary)
-    lines = ["| method | average | forgetting | bwt | mean of the diagonal | wall time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | average | forgetting | bwt | fwt | mean of the diagonal | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {method} | {show(m['average'])} | {show(m['forgetting'])} | {show(m['bwt'], '+.3f')} "
-              f"| {show(m['diagonal'])} | {show(m['wall_time_s'], '.0f')} |"
+              f"| {show(m['fwt'], '+.3f')} | {show(m['diagonal'])} | {show(m['wall_time_s'], '.0f')} |"
               for method, m in summary["methods"].items()]
     seeds = f"mean ± sd over seeds {', '.join(map(str, summary['seeds']))}" if len(runs) > 1 else ""
     table = "\n".join(lines) + (f"\n\n({seeds})" if seeds else "")

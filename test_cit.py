@@ -321,6 +321,9 @@ def test_metrics_match_a_hand_worked_matrix():
     assert metrics["average"] == pytest.approx((0.3 + 0.4 + 0.7) / 3)
     assert metrics["bwt"] == pytest.approx(((0.3 - 0.9) + (0.4 - 0.8)) / 2)
     assert metrics["forgetting"] == pytest.approx(((0.9 - 0.3) + (0.8 - 0.4)) / 2)
+    zero_shot = [0.2, 0.3, 0.1]  # the base, untrained: task j's score just before its training, against this
+    assert cit.forward_transfer(matrix, zero_shot) == pytest.approx(((0.1 - 0.3) + (0.2 - 0.1)) / 2)
+    assert cit.forward_transfer(matrix[:1], zero_shot) is None  # one row (joint's): nothing came before
 
 
 def test_forgetting_uses_the_best_earlier_score_not_the_first():
@@ -333,7 +336,7 @@ def test_forgetting_uses_the_best_earlier_score_not_the_first():
 
 def hand_made(method, seed, matrix, rows=("a", "b")):
     return {"method": method, "tasks": ["a", "b"], "rows": list(rows), "matrix": matrix, **cit.summarize(matrix),
-            "wall_time_s": 10.0 + seed, "config": {"seed": seed}}
+            "fwt": cit.forward_transfer(matrix, [0.1, 0.1]), "wall_time_s": 10.0 + seed, "config": {"seed": seed}}
 
 
 def test_seeds_are_summarized_by_mean_and_sample_sd(tmp_path):
@@ -350,8 +353,9 @@ def test_seeds_are_summarized_by_mean_and_sample_sd(tmp_path):
     assert torch.allclose(torch.tensor(finetune["matrix"]), torch.tensor([[0.9, 0.0], [0.3, 0.7]]))
     assert joint["diagonal"] == {"mean": None, "sd": None, "values": []}  # joint trains no task on its own
     assert json.loads((tmp_path / "summary.json").read_text())["methods"]["joint"]["average"]["mean"] == pytest.approx(0.7)
-    assert "| finetune | 0.500 ± 0.141 | 0.600 ± 0.000 | -0.600 ± 0.000 | 0.800 ± 0.141 | 10 ± 1 |" in (
-        tmp_path / "summary.md").read_text()
+    table = (tmp_path / "summary.md").read_text()  # fwt: R[0][1] = 0 against the base's 0.1 on both seeds
+    assert "| finetune | 0.500 ± 0.141 | 0.600 ± 0.000 | -0.600 ± 0.000 | -0.100 ± 0.000 | 0.800 ± 0.141 | 10 ± 1 |" in table
+    assert "| joint | 0.700 ± 0.141 | 0.000 ± 0.000 | +0.000 ± 0.000 | - | - | 10 ± 1 |" in table
     assert Image.open(tmp_path / "summary.png").size[0] > 2 * 100
 
 
@@ -458,6 +462,10 @@ def test_replay_keeps_the_set_number_per_task_and_mixes_them_into_batches():
     assert [e["task"] for e in state["buffer"]] == [0] * 5 + [1] * 5
     batch = cit.replay_mix(state, [{"task": 2, "i": i} for i in range(16)], random.Random(0))
     assert len(batch) == 16 and sum(e["task"] < 2 for e in batch) == 4
+    state = {"args": cit.parse_args(["--replay-fraction", "0.01"]), "task": 0}  # the paper's 1%, at least one
+    for size in [300, 50]:
+        cit.replay_after_task(state, None, [{"i": i} for i in range(size)])
+    assert len(state["buffer"]) == 3 + 1
 
 
 def test_eproj_leaves_the_shared_weights_and_earlier_experts_untouched_and_routes_right(tmp_path, cache):
@@ -511,6 +519,8 @@ def test_a_short_run_writes_results_whose_metrics_follow_from_its_matrix(tmp_pat
     assert all(len(row) == 3 for row in saved["matrix"])
     for key, value in cit.summarize(saved["matrix"]).items():
         assert saved[key] == pytest.approx(value)
+    assert len(saved["zero_shot"]) == 3 and saved["fwt"] == pytest.approx(
+        cit.forward_transfer(saved["matrix"], saved["zero_shot"]))
     assert json.loads((tmp_path / "out" / "progress.json").read_text())["matrix"] == saved["matrix"]
     assert results["method"] == "finetune" and saved["config"]["steps"] == 3
 
