@@ -435,20 +435,21 @@ def prototype_features(model, processor, examples, device):
     tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
     mask = tokens["attention_mask"].unsqueeze(-1)
     text = ((model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)).float()
-    pictured = [e for e in examples if e["image"]]
+    pictured = [i for i, e in enumerate(examples) if e["image"]]
     if not pictured:  # a text-only instruction has no image feature
         return torch.zeros_like(text), F.normalize(text, dim=-1)
     # The processor's whole output for the pictured prompts, of which get_image_features takes what it needs
     # (InstructBLIP's Q-Former reads the instruction too); the families return features per image, per tile or as
     # one batch, but always one per image token, in order: so each prompt's image tokens say which are its own.
-    prompts = [processor.apply_chat_template(chat(e, answer=False), add_generation_prompt=True) for e in pictured]
-    batch = processor(images=open_images(pictured), text=prompts, padding=True, return_tensors="pt").to(device)
+    chosen = [examples[i] for i in pictured]
+    prompts = [processor.apply_chat_template(chat(e, answer=False), add_generation_prompt=True) for e in chosen]
+    batch = processor(images=open_images(chosen), text=prompts, padding=True, return_tensors="pt").to(device)
     wanted = inspect.signature(model.get_image_features).parameters
     output = model.get_image_features(**{key: value for key, value in batch.items() if key in wanted})
     features = torch.cat([f.reshape(-1, f.shape[-1]) for f in output.pooler_output]).float()
     per_image = features.split((batch["input_ids"] == image_token_id(model)).sum(1).tolist())
     image = text.new_zeros(len(examples), features.shape[-1])
-    image[[i for i, e in enumerate(examples) if e["image"]]] = torch.stack([f.mean(0) for f in per_image])
+    image[pictured] = torch.stack([f.mean(0) for f in per_image])
     return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
 
@@ -1973,18 +1974,16 @@ def ewc_weigh_by_similarity(state, model, examples):
     instruction) cosine between prototypes taken with the base's weights, so no pair training is needed.
     """
     state.setdefault("base", snapshot(model))  # before the first task, the trainable weights are the base's
-    current = snapshot(model)
-    load_snapshot(model, state["base"])
-    state.setdefault("prototypes", []).append(
-        task_prototype(model, state["processor"], examples, state["device"], state["args"].seed))
-    load_snapshot(model, current)
+    with weights_in(model, state["base"]):
+        state.setdefault("prototypes", []).append(
+            task_prototype(model, state["processor"], examples, state["device"], state["args"].seed))
     if state["task"] == 0:
         return
     # The new task's row against the old ones; the floor keeps some protection for every old task.
     similarity = task_similarity(state["prototypes"])["combined"][-1, :-1].clamp(min=0.05)
     weights = (similarity / similarity.mean()).tolist()
     state["report"].setdefault("similarity_weights", {})[state["task"]] = weights
-    state["fisher"] = {name: sum(w * f[name] for w, f in zip(weights, state["fishers"])) for name in current}
+    state["fisher"] = {name: sum(w * f[name] for w, f in zip(weights, state["fishers"])) for name in state["base"]}
 
 
 def eproj_start_from_most_similar(state, model, examples):
