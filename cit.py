@@ -455,8 +455,8 @@ def prototype_features(model, processor, examples, device):
 
 def image_token_id(model):
     """The token that stands for image features in a prompt (configs name it image_token_id or image_token_index)."""
-    config = model.config
-    return getattr(config, "image_token_id", None) or config.image_token_index
+    token = getattr(model.config, "image_token_id", None)
+    return model.config.image_token_index if token is None else token  # 0 is a token too
 
 
 def prototype_sample(examples, seed):
@@ -837,7 +837,7 @@ def run_method(args, tasks):
     model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
     check_pictures(model, tasks)
     rows, matrix = run_sequence(model, tasks, hooks, state, rng, matrix)
-    # The Hugging Face layout; with LoRA only the adapter(s), which name the base model they go on.
+    # The Hugging Face layout; with LoRA only the adapter, which names the base model it goes on.
     model.save_pretrained(args.out / "model")
     state["processor"].save_pretrained(args.out / "model")
     if state.get("saved_with_model"):  # what a method needs beside the weights to answer (eproj: experts and keys)
@@ -1586,15 +1586,10 @@ def resume_run(args, device, hooks):
     if checkpoint is None:
         return start_run(args, device, hooks)
     saved = checkpoint / "model"
-    adapters = sorted(saved.glob("**/adapter_config.json"))
-    if adapters:  # LoRA or eproj: the adapters go back onto the base
+    if (saved / "adapter_config.json").is_file():  # LoRA (eproj's too): the adapter goes back onto the base
         model, processor = load_model(args, device)
         model.requires_grad_(False)
-        # peft saves the adapter "default" at the top and any other (eproj's task0, task1, ...) in its own folder.
-        names = ["default" if a.parent == saved else a.parent.name for a in adapters]
-        model = PeftModel.from_pretrained(model, adapters[0].parent, adapter_name=names[0], is_trainable=True)
-        for adapter, name in zip(adapters[1:], names[1:]):
-            model.load_adapter(adapter.parent, adapter_name=name, is_trainable=True)
+        model = PeftModel.from_pretrained(model, saved, is_trainable=True)
     else:  # full weights: the checkpoint is a model folder of its own, of which what --train says trains
         model, processor = load_model(with_args(args, model=str(saved)), device)
         model = train_connector(None, model) if args.train == "connector" else model
