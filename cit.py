@@ -430,14 +430,12 @@ def prototype_features(model, processor, examples, device):
     """What each example looks like to the model, before any answer: its mean image feature (vision tower and
     projector) and its instruction's mean token embedding, each of unit length.
 
-    eproj's routing and task similarity (the pair analysis, EWC's weighting) are both built on these.
+    eproj's routing and task similarity (TIR, the pair analysis) are both built on these.
     """
-    tokens = processor.tokenizer([e["question"] for e in examples], padding=True, return_tensors="pt").to(device)
-    mask = tokens["attention_mask"].unsqueeze(-1)
-    text = ((model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)).float()
+    text = mean_embedding(model, processor, [e["question"] for e in examples], device)
     pictured = [i for i, e in enumerate(examples) if e["image"]]
     if not pictured:  # a text-only instruction has no image feature
-        return torch.zeros_like(text), F.normalize(text, dim=-1)
+        return torch.zeros_like(text), text
     # The processor's whole output for the pictured prompts, of which get_image_features takes what it needs
     # (InstructBLIP's Q-Former reads the instruction too); the families return features per image, per tile or as
     # one batch, but always one per image token, in order: so each prompt's image tokens say which are its own.
@@ -450,7 +448,16 @@ def prototype_features(model, processor, examples, device):
     per_image = features.split((batch["input_ids"] == image_token_id(model)).sum(1).tolist())
     image = text.new_zeros(len(examples), features.shape[-1])
     image[pictured] = torch.stack([f.mean(0) for f in per_image])
-    return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    return F.normalize(image, dim=-1), text
+
+
+@torch.no_grad()
+def mean_embedding(model, processor, texts, device):
+    """Each text's mean input token embedding, of unit length: the model's own view of an instruction or answer."""
+    tokens = processor.tokenizer(texts, padding=True, return_tensors="pt").to(device)
+    mask = tokens["attention_mask"].unsqueeze(-1)
+    mean = (model.get_input_embeddings()(tokens["input_ids"]) * mask).sum(1) / mask.sum(1)
+    return F.normalize(mean.float(), dim=-1)
 
 
 def image_token_id(model):
@@ -460,8 +467,18 @@ def image_token_id(model):
 
 
 def prototype_sample(examples, seed):
-    """The 64 training examples (or all, if fewer) that stand for a task in its prototype and its eproj key."""
+    """The 64 training examples (or all, if fewer) that stand for a task in its prototype and its eproj keys."""
     return random.Random(seed).sample(examples, min(64, len(examples)))
+
+
+def task_prototype(model, processor, examples, device, seed):
+    """A task's prototype, as the paper's: its mean image feature, mean instruction and mean answer embedding
+    over a sample of its examples (the paper takes about a thousand and embeds text with a separate BERT; here
+    64 and the model's own input embeddings, so nothing more is downloaded)."""
+    sample = prototype_sample(examples, seed)
+    image, instruction = prototype_features(model, processor, sample, device)
+    answer = mean_embedding(model, processor, [e["answer"] for e in sample], device)
+    return {"image": image.mean(0), "instruction": instruction.mean(0), "answer": answer.mean(0)}
 
 
 # ---------------------------------------------------------------- the loop: hooks, training, the sequential run
@@ -517,15 +534,16 @@ def method_hooks(args):
 
 
 def train(model, processor, examples, *, steps, batch_size, lr, rng, device, desc, hooks=NO_HOOKS, state=None,
-          grad_accum=1):
-    """AdamW on the answer-token loss; a method may change what a batch holds and add a term to the loss."""
+          grad_accum=1, on_step=None):
+    """AdamW on the answer-token loss; a method may change what a batch holds and add a term to the loss.
+    on_step(k), if given, is called after the k-th step (the pair analysis scores a task along the way)."""
     model.train()
     # fused: one kernel over all the weights instead of a Python loop over them (a few ms of each tiny step)
     optimizer = torch.optim.AdamW(trainable(model).values(), lr=lr, fused=torch.device(device).type in ["cpu", "cuda"])
     # LLaVA's schedule: a short warm-up, then cosine decay to zero by the end of the task.
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1, disable=None)
-    for _ in progress:
+    for step in progress:
         for _ in range(grad_accum):  # micro-batches whose gradients add up to one batch
             chosen = hooks["mix_batch"](state, rng.sample(examples, min(batch_size, len(examples))), rng)
             batch = training_batch(processor, chosen, device)
@@ -536,6 +554,8 @@ def train(model, processor, examples, *, steps, batch_size, lr, rng, device, des
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step:
+            on_step(step + 1)
     model.eval()
 
 
@@ -659,45 +679,123 @@ def forward_transfer(matrix, zero_shot):
     return sum(matrix[j - 1][j] - zero_shot[j] for j in range(1, len(matrix))) / (len(matrix) - 1)
 
 
-# ---------------------------------------------------------------- the methods: regularization (EWC, LwF)
+# ---------------------------------------------------------------- the methods: regularization (EWC, MAS, TIR, LwF)
 def ewc_after_task(state, model, examples):
-    """Elastic Weight Consolidation (Kirkpatrick et al., 2017), online form (Schwarz et al., 2018).
+    """Elastic Weight Consolidation (Kirkpatrick et al., 2017), online (Schwarz et al., 2018); with --importance mas,
+    Memory Aware Synapses (Aljundi et al., 2018): the same quadratic penalty, another measure of importance.
 
-    On an LMM: the Fisher of each trainable weight (projector, language model or LoRA) comes from the
-    answer-token loss on a sample of the task; it is summed over tasks, and the weights after the task are the anchor.
+    On an LMM: each trainable weight's importance (projector, language model or LoRA) is measured on a sample of
+    the task's instruction data and summed over tasks; the weights after the task are the anchor.
     """
-    fisher = ewc_fisher(state, model, examples)
-    previous = state.get("fisher", {})
-    state["fisher"] = {name: f + previous.get(name, 0) for name, f in fisher.items()}
+    importance = IMPORTANCE[state["args"].importance](state, model, examples)
+    previous = state.get("importance", {})
+    state["importance"] = {name: i + previous.get(name, 0) for name, i in importance.items()}
     state["anchor"] = snapshot(model)
 
 
-def ewc_fisher(state, model, examples):
-    """The diagonal Fisher from squared gradients of the answer-token loss, batch by batch, over --ewc-samples."""
+def fisher_importance(state, model, examples):
+    """EWC's diagonal Fisher: the mean over examples of each one's squared gradient of its answer-token loss."""
+    return per_example_importance(state, model, examples, lambda batch, outputs: outputs.loss, torch.square)
+
+
+def mas_importance(state, model, examples):
+    """MAS: the mean over examples of the absolute gradient of the squared norm of the output (the logits at the
+    answer's positions, averaged over them): how much the output moves with the weight, labels not needed."""
+    def squared_norm(batch, outputs):
+        answer = batch["labels"][:, 1:] != -100  # logits at position t predict token t+1
+        return outputs.logits[:, :-1][answer].float().square().sum(-1).mean()
+    return per_example_importance(state, model, examples, squared_norm, torch.abs)
+
+
+def per_example_importance(state, model, examples, objective, measure):
+    """measure(gradient of objective) per trainable weight, averaged over --ewc-samples examples taken one at a time
+    (a batch's mean gradient would let the examples' gradients cancel: its square is not the Fisher), then
+    normalized to sum 1, so that every task weighs the same whatever its loss's scale, and one --ewc-lambda
+    serves Fisher and MAS alike (the paper's TIR normalizes so too)."""
     args = state["args"]
     sample = random.Random(args.seed + state["task"]).sample(examples, min(args.ewc_samples, len(examples)))
     params = trainable(model)
-    fisher = {name: torch.zeros_like(p) for name, p in params.items()}
+    total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     model.train()
-    for first in range(0, len(sample), args.batch_size):
-        chunk = sample[first:first + args.batch_size]
+    for example in sample:
         model.zero_grad(set_to_none=True)
-        model(**training_batch(state["processor"], chunk, state["device"])).loss.backward()
+        batch = training_batch(state["processor"], [example], state["device"])
+        objective(batch, model(**batch)).backward()
         for name, p in params.items():
-            if p.grad is not None:  # a weight the loss does not reach has zero Fisher
-                fisher[name] += p.grad.detach() ** 2 * len(chunk) / len(sample)
+            if p.grad is not None:  # a weight the objective does not reach has no importance
+                total[name] += measure(p.grad.detach().float())
     model.zero_grad(set_to_none=True)
     model.eval()
-    return fisher
+    scale = sum(t.sum() for t in total.values())
+    return {name: t / scale for name, t in total.items()}
+
+
+IMPORTANCE = {"fisher": fisher_importance, "mas": mas_importance}  # --importance
 
 
 def ewc_penalty(state, model, batch, outputs):
-    """lambda/2 * sum F (theta - theta_old)^2 over the trainable weights: zero at the anchor, quadratic away."""
-    if "fisher" not in state:
+    """lambda/2 * sum Omega (theta - theta_old)^2 over the trainable weights, Omega their importance: zero at the
+    anchor, quadratic away from it."""
+    if "importance" not in state:
         return 0.0
-    penalty = sum((state["fisher"][name] * (p - state["anchor"][name]) ** 2).sum()
+    penalty = sum((state["importance"][name] * (p - state["anchor"][name]) ** 2).sum()
                   for name, p in trainable(model).items())
     return state["args"].ewc_lambda / 2 * penalty
+
+
+def tir_before_task(state, model, examples):
+    """Task-similarity-informed regularization (TIR), the paper's own (--tir, with --importance fisher or mas):
+    before a new task, each weight's importance is relaxed by 1 - the new task's similarity to the task that weight
+    mattered most to: what a similar old task learned carries over, so holding it fixed costs plasticity and
+    protects little. On an LMM, as the paper: prototypes of images, instructions and answers from the base.
+    """
+    if "base" not in state:  # before the first task trains, the trainable weights are the base's
+        state["base"] = snapshot(model)
+    with weights_in(model, state["base"]):
+        new = task_prototype(model, state["processor"], examples, state["device"], state["args"].seed)
+    earlier = state.setdefault("prototypes", [])
+    if earlier:
+        cosines = {part: torch.stack([p[part] for p in earlier]) @ new[part] for part in new}
+        seen = state.setdefault("cosines_seen", {})
+        for part, cosine in cosines.items():
+            seen[part] = torch.cat([seen.get(part, cosine[:0]), cosine])
+        similarity = informed_similarity(cosines, seen)
+        state["report"].setdefault("tir_similarity", {})[state["task"]] = similarity.tolist()
+        state["importance"] = relax(state["merged"], state["owner"], similarity)
+    earlier.append(new)
+
+
+def informed_similarity(cosines, seen):
+    """The paper's similarity of a new task to each earlier one: per modality, the cosine of their prototypes
+    z-scored over all the task pairs seen so far (these included; 0 while they do not vary) and put through a
+    sigmoid; the modalities' values multiplied. Each lies in (0, 1)."""
+    similarity = 1.0
+    for part, cosine in cosines.items():
+        spread = seen[part].std(correction=0)
+        z = (cosine - seen[part].mean()) / spread if spread > 0 else torch.zeros_like(cosine)
+        similarity = similarity * torch.sigmoid(z)
+    return similarity
+
+
+def tir_after_task(state, model, examples):
+    """The task's importance (summing to 1) merged with the earlier tasks' by element-wise maximum, remembering
+    which task each weight's maximum came from (its owner); the weights after the task are the anchor."""
+    importance = IMPORTANCE[state["args"].importance](state, model, examples)
+    state["merged"], state["owner"] = max_merge(state.get("merged"), state.get("owner"), importance, state["task"])
+    state["importance"] = state["merged"]
+    state["anchor"] = snapshot(model)
+
+
+def max_merge(merged, owner, importance, task):
+    if merged is None:
+        return importance, {name: torch.full_like(i, task, dtype=torch.uint8) for name, i in importance.items()}
+    return ({name: torch.maximum(merged[name], i) for name, i in importance.items()},
+            {name: torch.where(i > merged[name], task, owner[name]) for name, i in importance.items()})
+
+
+def relax(merged, owner, similarity):
+    """Each weight's merged importance times 1 - similarity(new task, its owner)."""
+    return {name: m * (1 - similarity.to(m.device)[owner[name].long()]) for name, m in merged.items()}
 
 
 def lwf_before_task(state, model, examples):
@@ -748,12 +846,16 @@ def replay_mix(state, examples, rng):
 
 # ---------------------------------------------------------------- the methods: expansion (eproj)
 def eproj_prepare(state, model):
-    """Expansion, after the paper's expanded projection (EProj): each task gets its own copy of what trains, so a
-    later task cannot change an earlier one's. On an LMM: the copies are of the connector (--train connector) or of
-    LoRA and the connector (--train lora, or all: one language model per task is not expansion); the rest is frozen.
+    """Expanded projection (EProj), the paper's expansion: each task gets its own copy of the projector, so a later
+    task cannot change an earlier one's; everything else is frozen. On an LMM: the copies are of the connector
+    (LLaVA's projector; with BLIP's, the paper copies the projection only, here the Q-Former comes along).
     """
-    model = TRAINING["connector" if state["args"].train == "connector" else "lora"](state, model)
-    state["initial"] = snapshot(model)  # the base's connector (and LoRA's B = 0): where every expert starts
+    return start_experts(state, train_connector(state, model))
+
+
+def start_experts(state, model):
+    state["initial"] = snapshot(model)  # the base's projector (and LoRA's B = 0): where every expert starts
+    state["report"]["trainable_per_task"] = sum(p.numel() for p in state["initial"].values())
     state["saved_with_model"] = ["experts", "keys"]  # <out>/model holds the last expert; these are all of them
     return model
 
@@ -765,28 +867,45 @@ def eproj_before_task(state, model, examples):
 
 def eproj_after_task(state, model, examples):
     state.setdefault("experts", []).append(snapshot(model))
-    state.setdefault("keys", []).append(eproj_key(state, model, examples))
+    state.setdefault("keys", []).append(eproj_keys(state, model, examples))
 
 
-def eproj_key(state, model, examples):
-    """A task's key: the mean routing feature of (a sample of) its training examples."""
-    sample = prototype_sample(examples, state["args"].seed)
-    return F.normalize(routing_features(state, model, sample).mean(0), dim=0)
+@torch.enable_grad()
+def eproj_keys(state, model, examples):
+    """A task's two keys, an image key and an instruction key, tuned as the paper's: from random, pulled towards
+    the features of (a sample of) the task's training examples by a cosine loss. (Its optimum is the direction
+    of the features' mean: the keys end as the task's prototype.)"""
+    args = state["args"]
+    features = routing_features(state, model, prototype_sample(examples, args.seed))
+    generator = torch.Generator().manual_seed(args.seed + state["task"])
+    keys = [torch.randn(f.shape[-1], generator=generator).to(f.device).requires_grad_() for f in features]
+    optimizer = torch.optim.Adam(keys, lr=0.05)
+    for _ in range(200):
+        loss = sum((1 - F.cosine_similarity(f, key[None], dim=-1)).mean() for f, key in zip(features, keys))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return torch.stack([F.normalize(key.detach(), dim=0) for key in keys])
 
 
 def routing_features(state, model, examples):
-    """What the router sees: prototype_features of the base model, joined into one unit vector per example.
+    """What the router sees: prototype_features of the base model, an image and an instruction feature per example.
 
     The base's weights are put back for it, so the features come from what never changes and never drift.
     """
     with weights_in(model, state["initial"]):
-        image, text = prototype_features(model, state["processor"], examples, state["device"])
-    return F.normalize(torch.cat([image, text], -1), dim=-1)
+        return prototype_features(model, state["processor"], examples, state["device"])
+
+
+def route(state, features):
+    """Each example's task: the one whose image and instruction keys have the highest summed cosine to it."""
+    keys = torch.stack(state["keys"])  # tasks x (image, instruction) x features
+    return sum(f @ keys[:, part].T for part, f in enumerate(features)).argmax(-1).tolist()
 
 
 def eproj_answer(state, model, examples, task):
-    """The task is not given at test time: each question goes to the seen task with the nearest key (cosine)."""
-    routes = (routing_features(state, model, examples) @ torch.stack(state["keys"]).T).argmax(-1).tolist()
+    """The task is not given at test time: each question goes to the expert of the seen task it is routed to."""
+    routes = route(state, routing_features(state, model, examples))
     if task <= state["task"]:  # how often a seen task's questions reach its own parameters
         routing = state.setdefault("routing", {})
         routing[task] = sum(r == task for r in routes) / len(routes)
@@ -1021,7 +1140,9 @@ def parse_args(argv=None):
     cl.add_argument("--ewc-lambda", type=number(float, at_least=0), default=1e6,
                     help="EWC: weight of the quadratic penalty")
     cl.add_argument("--ewc-samples", type=number(int, above=0), default=128,
-                    help="EWC: training examples used for the Fisher")
+                    help="EWC: training examples, one at a time, over which a weight's importance is measured")
+    cl.add_argument("--importance", choices=list(IMPORTANCE), default="fisher",
+                    help="EWC: a weight's importance, the Fisher (EWC) or output sensitivity (MAS)")
     cl.add_argument("--lwf-alpha", type=number(float, at_least=0), default=1.0,
                     help="LwF: weight of the distillation term")
     cl.add_argument("--lwf-temperature", type=number(float, above=0), default=2.0, help="LwF: softmax temperature")
@@ -1032,12 +1153,14 @@ def parse_args(argv=None):
                          "at least one example")
     cl.add_argument("--replay-ratio", type=number(float, at_least=0, at_most=1), default=0.25,
                     help="replay: share of each batch from the buffer")
+    cl.add_argument("--eproj-lora", action="store_true",
+                    help="eproj: each task's expert is a LoRA adapter with a connector copy, not a projector copy")
     cl.add_argument("--oracle-task", action="store_true", help="eproj: give the true task instead of routing")
     cl.add_argument("--similarity-init", action="store_true",
-                    help="eproj: start a new task's adapter and projector from the most similar earlier task's")
-    cl.add_argument("--similarity-weighted", action="store_true",
-                    help="ewc: weigh each earlier task's penalty by the forgetting that its similarity to the new "
-                         "task predicts")
+                    help="eproj: start a new task's expert from the most similar earlier task's")
+    cl.add_argument("--tir", action="store_true",
+                    help="ewc: the paper's task-similarity-informed regularization: relax each weight's importance "
+                         "by the new task's similarity to the task it mattered most to")
     args = parser.parse_args(argv)
     if args.analyze and args.resume:
         parser.error("argument --resume: an analysis has no checkpoints; it starts over with --overwrite")
@@ -1567,7 +1690,8 @@ def save_checkpoint(state, model, rng, task_names, matrix):
     model.save_pretrained(folder / "model")
     state["processor"].save_pretrained(folder / "model")
     memory = {key: value for key, value in state.items() if key not in LOOP_STATE}
-    torch.save({"memory": memory, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, folder / "state.pt")
+    torch.save({"memory": memory, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                "trains": list(trainable(model))}, folder / "state.pt")
     write_json(args.out / "progress.json", {"tasks": task_names, "matrix": matrix, "checkpoint": folder.name,
                                             "config": vars(args)})
     remove_checkpoints(args.out, keep=folder)
@@ -1585,15 +1709,16 @@ def resume_run(args, device, hooks):
     checkpoint = find_checkpoint(args)
     if checkpoint is None:
         return start_run(args, device, hooks)
-    saved = checkpoint / "model"
-    if (saved / "adapter_config.json").is_file():  # LoRA (eproj's too): the adapter goes back onto the base
+    saved, saved_state = checkpoint / "model", torch.load(checkpoint / "state.pt", map_location=device,
+                                                          weights_only=True)
+    if (saved / "adapter_config.json").is_file():  # LoRA (--eproj-lora's too): the adapter goes back onto the base
         model, processor = load_model(args, device)
         model.requires_grad_(False)
         model = PeftModel.from_pretrained(model, saved, is_trainable=True)
-    else:  # full weights: the checkpoint is a model folder of its own, of which what --train says trains
+    else:  # full weights: the checkpoint is a model folder of its own, of which what trained before trains
         model, processor = load_model(with_args(args, model=str(saved)), device)
-        model = train_connector(None, model) if args.train == "connector" else model
-    saved_state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in saved_state["trains"])
     state = {"args": args, "processor": processor, "device": device, "task": 0, **saved_state["memory"]}
     rng = random.Random()
     rng.setstate(saved_state["rng"])
@@ -1609,7 +1734,8 @@ def find_checkpoint(args):
         print(f"--resume: no finished task in {args.out}: starting from the first one")
         return None
     before, now = {**saved["config"], "tasks": saved["tasks"]}, vars(args)
-    different = [key for key in ["method", "tasks", "model", "base", "train", "lora_rank", "seed"]
+    different = [key for key in ["method", "tasks", "model", "base", "train", "lora_rank", "seed", "importance", "tir",
+                                 "eproj_lora"]
                  if before.get(key) != now[key]]
     if different:
         raise InputError(f"--resume: {args.out} holds a run with other {', '.join(different)}: "
@@ -1814,13 +1940,16 @@ def diagonal_mean(result):
 def compare_pairs(reports, out):
     """The pair analysis over seeds: each Spearman correlation's mean and sd, the mean pair matrices."""
     summary = {"seeds": [r["config"]["seed"] for r in reports], "tasks": reports[0]["tasks"],
-               "spearman": {name: spread([r["spearman"][name] for r in reports]) for name in reports[0]["spearman"]},
-               **{kind: mean_matrix([r[kind] for r in reports]) for kind in ["pair_forgetting", "transfer"]},
+               **{kind: {name: spread([r[kind][name] for r in reports]) for name in reports[0][kind]}
+                  for kind in ["spearman", "spearman_within_rows"]},
+               **{kind: mean_matrix([r[kind] for r in reports])
+                  for kind in ["pair_forgetting", "final_forgetting", "transfer"]},
                "similarity": {part: mean_matrix([r["similarity"][part] for r in reports])
                               for part in reports[0]["similarity"]}}
     write_json(out / "summary.json", summary)
-    lines = ["| Spearman correlation | mean ± sd |", "| --- | ---: |"]
-    lines += [f"| {name} | {show(entry, '+.2f')} |" for name, entry in summary["spearman"].items()]
+    lines = ["| Spearman correlation | over all pairs | within rows |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {show(entry, '+.2f')} | {show(summary['spearman_within_rows'][name], '+.2f')} |"
+              for name, entry in summary["spearman"].items()]
     table = "\n".join(lines) + f"\n\n(over seeds {', '.join(map(str, summary['seeds']))})"
     print(f"\n{table}")
     (out / "summary.md").write_text(table + "\n")
@@ -1830,29 +1959,29 @@ def compare_pairs(reports, out):
 
 
 # ---------------------------------------------------------------- task pairs: does similarity predict forgetting?
-def task_prototype(model, processor, examples, device, seed):
-    """A task's prototype: the mean image part and the mean instruction part over a sample of its examples."""
-    image, text = prototype_features(model, processor, prototype_sample(examples, seed), device)
-    return {"image": image.mean(0), "instruction": text.mean(0)}
-
-
 def task_similarity(prototypes):
-    """Cosine similarity between task prototypes, for the image part, the instruction part, and their mean."""
+    """Cosine similarity between task prototypes, for the image, instruction and answer parts, and their mean."""
     similarity = {}
-    for part in ["image", "instruction"]:
+    for part in ["image", "instruction", "answer"]:
         vectors = F.normalize(torch.stack([p[part] for p in prototypes]), dim=-1)
         matrix = vectors @ vectors.T
         similarity[part] = (matrix + matrix.T) / 2  # symmetric to the last bit, whatever the matmul's order
-    similarity["combined"] = (similarity["image"] + similarity["instruction"]) / 2
+    similarity["combined"] = (similarity["image"] + similarity["instruction"] + similarity["answer"]) / 3
     return similarity
+
+
+PAIR_CURVE = [0.05, 0.125, 0.25, 0.5, 1.0]  # shares of B's training after which A is scored: 10, 25, ..., 200 steps
 
 
 def analyze_pairs(args, tasks):
     """The paper's task-pair study, with plain fine-tuning. From the base, train each task A (its weights kept
-    in memory), then from there each other task B, and score both:
-        pair_forgetting[A][B] = score(A after A) - score(A after A then B)
-        transfer[A][B]        = score(B after A then B) - score(B after B alone)
-    and compare with the similarity of the tasks' prototypes, taken from the base before any training.
+    in memory), then from there each other task B, scoring A along B's training (PAIR_CURVE) and B at its end:
+        pair_forgetting[A][B]  = score(A after A) - the mean of A's scores along B's training
+                                 (the area between A's curve and its start: how soon, not only how much, A is lost)
+        final_forgetting[A][B] = score(A after A) - score(A after A then B)
+        transfer[A][B]         = score(B after A then B) - score(B after B alone)
+    and compare with the similarity of the tasks' prototypes, taken from the base before any training: over all
+    pairs, and within each row (how B's similarity to A orders what happens to that A).
     """
     started = time.time()
     args = with_args(args, method="finetune")
@@ -1863,33 +1992,57 @@ def analyze_pairs(args, tasks):
     similarity = {part: matrix.tolist() for part, matrix in task_similarity(prototypes).items()}
     base = snapshot(model)
 
-    def tune(weights, name, title):
+    def tune(weights, name, title, on_step=None):
         """Train one task from the given weights, each time with the same seeds: only the start differs."""
         load_snapshot(model, weights)
         torch.manual_seed(args.seed)
         train(model, processor, tasks[name]["train"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-              rng=random.Random(args.seed), device=device, desc=title, grad_accum=args.grad_accum)
+              rng=random.Random(args.seed), device=device, desc=title, grad_accum=args.grad_accum, on_step=on_step)
 
-    single, pair_scores = {}, {}
+    scored_at = sorted({max(1, round(share * args.steps)) for share in PAIR_CURVE})
+    single, pair_scores, curves = {}, {}, {}
     for first in names:
         tune(base, first, f"{first} alone")
         single[first] = evaluate_all(state, model, {first: tasks[first]}, f"after {first}")[0]
         after_first = snapshot(model)
         for second in [n for n in names if n != first]:
-            tune(after_first, second, f"{first} then {second}")
+            curve = curves.setdefault(first, {}).setdefault(second, [])
+            tune(after_first, second, f"{first} then {second}",
+                 lambda step: curve.append(quiet_score(state, model, tasks[first])) if step in scored_at else None)
             pair_scores.setdefault(first, {})[second] = evaluate_all(
                 state, model, {first: tasks[first], second: tasks[second]}, f"after {first} then {second}")
-    forgetting = [[None if a == b else single[a] - pair_scores[a][b][0] for b in names] for a in names]
-    transfer = [[None if a == b else pair_scores[a][b][1] - single[b] for b in names] for a in names]
-    report = {"tasks": names, "single": single, "pair_scores": pair_scores, "pair_forgetting": forgetting,
-              "transfer": transfer, "similarity": similarity}
+    report = {"tasks": names, "single": single, "pair_scores": pair_scores, "scored_at": scored_at, "curves": curves,
+              "pair_forgetting": [[None if a == b else single[a] - statistics.fmean(curves[a][b]) for b in names]
+                                  for a in names],
+              "final_forgetting": [[None if a == b else single[a] - pair_scores[a][b][0] for b in names]
+                                   for a in names],
+              "transfer": [[None if a == b else pair_scores[a][b][1] - single[b] for b in names] for a in names],
+              "similarity": similarity}
+    kinds = ["pair_forgetting", "final_forgetting", "transfer"]
     report["spearman"] = {f"{kind} vs {part} similarity": spearman(*off_diagonal(similarity[part], report[kind]))
-                          for kind in ["pair_forgetting", "transfer"] for part in similarity}
+                          for kind in kinds for part in similarity}
+    report["spearman_within_rows"] = {f"{kind} vs {part} similarity": within_rows(similarity[part], report[kind])
+                                      for kind in kinds for part in similarity}
     report.update(wall_time_s=round(time.time() - started, 1), config=vars(args))
     write_json(args.out / "pairs.json", report)
     draw_pairs(report, args.out / "pairs.png")
     print_pairs(report)
     return report
+
+
+def quiet_score(state, model, task):
+    """A task's score in the middle of training, nothing printed; the model goes back to training mode."""
+    predictions = greedy_answers(state, model.eval(), task["test"], 0)
+    model.train()
+    return METRICS[task["metric"]](predictions, [e["references"] for e in task["test"]])
+
+
+def within_rows(similarity, matrix):
+    """Spearman's correlation within each row A over the tasks B != A, averaged over the rows where it is defined:
+    how B's similarity to A orders the forgetting of that A, whatever how well A was learned."""
+    rhos = [spearman(*off_diagonal([similarity[i]], [row], skip=i)) for i, row in enumerate(matrix)]
+    rhos = [rho for rho in rhos if rho is not None]
+    return statistics.fmean(rhos) if rhos else None
 
 
 def spearman(xs, ys):
@@ -1902,22 +2055,27 @@ def spearman(xs, ys):
     return (rx @ ry).item() / denominator if denominator > 0 else None  # None: one side has no ranking at all
 
 
-def off_diagonal(*matrices):
-    """Each matrix's entries for the ordered pairs A != B, in the same order."""
-    return [[row[j] for i, row in enumerate(m) for j in range(len(row)) if i != j] for m in matrices]
+def off_diagonal(*matrices, skip=0):
+    """Each matrix's entries for the ordered pairs A != B, in the same order (rows numbered from skip)."""
+    return [[row[j] for i, row in enumerate(m, start=skip) for j in range(len(row)) if i != j] for m in matrices]
 
 
 def print_pairs(report):
     names = report["tasks"]
-    tables = [("pair forgetting: score on A lost by training B after A", report["pair_forgetting"], 2),
+    steps = ", ".join(map(str, report["scored_at"]))
+    tables = [(f"pair forgetting: score on A lost, on average over B's steps {steps}", report["pair_forgetting"], 2),
+              ("final forgetting: score on A lost by the end of B's training", report["final_forgetting"], 2),
               ("transfer: score on B after A then B, minus after B alone", report["transfer"], 2)]
     tables += [(f"{part} similarity of the base's task prototypes (cosine)", matrix, 3)
                for part, matrix in report["similarity"].items()]
     for title, matrix, digits in tables:
         print(f"\n{title}\n{format_table(matrix, names, names, 'A, then B', digits)}")
-    print(f"\nSpearman rank correlation over the {len(names) * (len(names) - 1)} ordered pairs:")
+    print(f"\nSpearman rank correlation over the {len(names) * (len(names) - 1)} ordered pairs, and within rows "
+          "(each A's own, averaged over the A's):")
     for name, rho in report["spearman"].items():
-        print(f"  {name:<42} {'undefined' if rho is None else f'{rho:+.2f}'}")
+        within = report["spearman_within_rows"][name]
+        print(f"  {name:<48} {'undefined' if rho is None else f'{rho:+.2f}':>9}  "
+              f"{'undefined' if within is None else f'{within:+.2f}':>9}")
     print(f"\n({report['wall_time_s']:.0f} s)  -> {report['config']['out']}/pairs.json, pairs.png")
 
 
@@ -1952,41 +2110,19 @@ def draw_pairs(report, path, cell=36):
 
 
 # ---------------------------------------------------------------- variants of the methods, each wired in by its flag
-def ewc_keep_fishers_for_similarity(state, model, examples):
-    """--similarity-weighted: each task's Fisher is kept apart, to be weighed afresh for every new task."""
-    state.setdefault("fishers", []).append(ewc_fisher(state, model, examples))
-    state["anchor"] = snapshot(model)
-
-
-def ewc_weigh_by_similarity(state, model, examples):
-    """--similarity-weighted: each old task's Fisher is scaled by its similarity to the new task, as a
-    prediction of how much the new task will make it forget; the weights average 1, so --ewc-lambda keeps
-    its total strength and is only shifted towards the old tasks most like the new one.
-
-    Why this direction: a new task that looks like an old one (same kind of images and instructions) reaches
-    the same weights, so it is the one that can overwrite them; the pair analysis (--analyze pairs) measures
-    how well this holds (on the tiny tasks: weakly, see the README). Similarity is combined (image and
-    instruction) cosine between prototypes taken with the base's weights, so no pair training is needed.
-    """
-    state.setdefault("base", snapshot(model))  # before the first task, the trainable weights are the base's
-    with weights_in(model, state["base"]):
-        state.setdefault("prototypes", []).append(
-            task_prototype(model, state["processor"], examples, state["device"], state["args"].seed))
-    if state["task"] == 0:
-        return
-    # The new task's row against the old ones; the floor keeps some protection for every old task.
-    similarity = task_similarity(state["prototypes"])["combined"][-1, :-1].clamp(min=0.05)
-    weights = (similarity / similarity.mean()).tolist()
-    state["report"].setdefault("similarity_weights", {})[state["task"]] = weights
-    state["fisher"] = {name: sum(w * f[name] for w, f in zip(weights, state["fishers"])) for name in state["base"]}
+def eproj_lora_prepare(state, model):
+    """--eproj-lora: each expert is a LoRA adapter on the language model with a copy of the connector (rank
+    --lora-rank), the expansion this project had before it followed the paper's projector-only experts."""
+    return start_experts(state, add_lora(state, model))
 
 
 def eproj_start_from_most_similar(state, model, examples):
-    """--similarity-init: the new expert starts as a copy of the earlier task's whose key is nearest to the new
-    task's, instead of the base's (LoRA's B = 0), to transfer what the two share."""
+    """--similarity-init: the new expert starts as a copy of the earlier task's whose keys are nearest to the new
+    task's, instead of the base's, to transfer what the two share."""
     if state["task"] == 0:
         return eproj_before_task(state, model, examples)
-    source = int((torch.stack(state["keys"]) @ eproj_key(state, model, examples)).argmax())
+    new = eproj_keys(state, model, examples)
+    source = int((torch.stack(state["keys"]) * new).sum((1, 2)).argmax())
     state["report"].setdefault("started_from", {})[state["task"]] = source
     load_snapshot(model, state["experts"][source])
 
@@ -2000,8 +2136,8 @@ def eproj_oracle_answer(state, model, examples, task):
 
 
 VARIANTS = {  # flag: (the method it varies, the hooks it puts in place of the method's own)
-    "similarity_weighted": ("ewc", {"before_task": ewc_weigh_by_similarity,
-                                    "after_task": ewc_keep_fishers_for_similarity}),
+    "tir": ("ewc", {"before_task": tir_before_task, "after_task": tir_after_task}),
+    "eproj_lora": ("eproj", {"prepare": eproj_lora_prepare}),
     "similarity_init": ("eproj", {"before_task": eproj_start_from_most_similar}),
     "oracle_task": ("eproj", {"answer": eproj_oracle_answer}),
 }

@@ -1,9 +1,11 @@
 """Tests for cit.py: HF_HUB_OFFLINE=1 python -m pytest -q test_cit.py  (offline, CPU, under 3 minutes)."""
+import copy
 import importlib.util
 import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the network: the tin
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -273,6 +276,7 @@ def test_bad_data_ends_in_one_line_naming_the_file_and_the_problem(tmp_path, cap
     (["--method", "replay", "--max-train", "10", "--replay-size", "11"], "--replay-size 11 is more than the 10"),
     (["--model", str(cit.HERE / "tiny_tasks")], "the folder has no config.json"),
     (["--method", "ewc", "--similarity-init"], "--similarity-init is a variant of eproj"),
+    (["--method", "eproj", "--tir"], "--tir is a variant of ewc"),
     (["--seeds", "0,1,0"], "--seeds: each seed once"),
     (["--seed", "1", "--seeds", "0,1"], "not allowed with argument --seed"),
 ])
@@ -429,7 +433,8 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(tiny):
     state = {"args": args, "processor": processor, "device": "cpu", "task": 0}
     cit.ewc_after_task(state, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
     assert cit.ewc_penalty(state, model, None, None) == 0
-    assert all((f >= 0).all() for f in state["fisher"].values()) and any(f.sum() > 0 for f in state["fisher"].values())
+    importance = state["importance"].values()
+    assert all((i >= 0).all() for i in importance) and sum(i.sum() for i in importance).item() == pytest.approx(1)
     weight, original = model.lm_head.weight, model.lm_head.weight.detach().clone()
     with torch.no_grad():
         weight += 0.01
@@ -438,6 +443,91 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(tiny):
         large = cit.ewc_penalty(state, model, None, None).item()
         weight.copy_(original)
     assert 0 < small < large
+
+
+def per_example_gradients(model, processor, examples, objective):
+    """Each example's gradients of objective(batch, outputs), by itself: what the importances must average."""
+    params = cit.trainable(model)
+    for e in examples:
+        batch = cit.training_batch(processor, [e], "cpu")
+        yield dict(zip(params, torch.autograd.grad(objective(batch, model(**batch)), list(params.values()),
+                                                   allow_unused=True)))
+
+
+def normalized_mean(gradients, measure, params):
+    total = {n: sum(measure(g[n]) for g in gradients if g[n] is not None) for n in params}
+    total = {n: t if torch.is_tensor(t) else torch.zeros_like(params[n]) for n, t in total.items()}
+    scale = sum(t.sum() for t in total.values())
+    return {n: t / scale for n, t in total.items()}
+
+
+def test_the_fisher_is_the_mean_of_each_examples_squared_gradient_not_of_the_batchs(tiny):
+    model, processor = tiny
+    examples = cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train")[:6]
+    state = {"args": cit.parse_args(["--ewc-samples", "6"]), "processor": processor, "device": "cpu", "task": 0}
+    fisher = cit.fisher_importance(state, model, examples)
+    params = cit.trainable(model)
+    expected = normalized_mean(list(per_example_gradients(model, processor, examples, lambda b, o: o.loss)),
+                               torch.square, params)
+    assert all(torch.allclose(fisher[n], expected[n], rtol=1e-4, atol=1e-12) for n in params)
+    batch = cit.training_batch(processor, examples, "cpu")
+    whole = dict(zip(params, torch.autograd.grad(model(**batch).loss, list(params.values()), allow_unused=True)))
+    batch_form = normalized_mean([whole], torch.square, params)
+    assert not all(torch.allclose(fisher[n], batch_form[n], rtol=0.1, atol=1e-9) for n in params)
+    assert sum(f.sum() for f in fisher.values()).item() == pytest.approx(1)
+
+
+def test_mas_measures_how_the_answer_logits_move_and_ignores_unused_embeddings(tiny):
+    model, processor = tiny
+    examples = cit.load_split(cit.HERE / "tiny_tasks", "count", "train")[:4]
+    state = {"args": cit.parse_args(["--ewc-samples", "4"]), "processor": processor, "device": "cpu", "task": 0}
+    mas = cit.mas_importance(state, model, examples)
+
+    def squared_logits(batch, outputs):  # the squared norm of the logits that predict the answer, per position
+        answer = batch["labels"][:, 1:] != -100
+        return outputs.logits[:, :-1][answer].square().sum(-1).mean()
+    params = cit.trainable(model)
+    expected = normalized_mean(list(per_example_gradients(model, processor, examples, squared_logits)), torch.abs,
+                               params)
+    assert all(torch.allclose(mas[n], expected[n], rtol=1e-4, atol=1e-12) for n in params)
+    embeddings = mas["model.language_model.embed_tokens.weight"]
+    used = torch.unique(torch.cat([cit.training_batch(processor, [e], "cpu")["input_ids"][0] for e in examples]))
+    unused = torch.ones(len(embeddings), dtype=torch.bool)
+    unused[used] = False
+    assert embeddings[unused].abs().sum() == 0 and embeddings[used].abs().sum() > 0
+    assert not torch.allclose(mas["lm_head.weight"], cit.fisher_importance(state, model, examples)["lm_head.weight"])
+
+
+def test_tir_similarity_is_the_product_of_sigmoids_of_z_scored_cosines():
+    cosines = {"image": torch.tensor([0.2, 0.6]), "instruction": torch.tensor([0.5, 0.5]),
+               "answer": torch.tensor([0.1, 0.3])}
+    seen = {"image": torch.tensor([0.4, 0.2, 0.6]), "instruction": torch.tensor([0.5, 0.5, 0.5]),
+            "answer": torch.tensor([0.2, 0.1, 0.3])}
+    z = 0.2 / (0.08 / 3) ** 0.5  # image: mean 0.4, population sd sqrt(0.08 / 3); answer: 0.1 / sqrt(0.02 / 3), alike
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+    expected = [sigmoid(-z) * 0.5 * sigmoid(-z), sigmoid(z) * 0.5 * sigmoid(z)]  # instruction: no spread, z = 0
+    assert cit.informed_similarity(cosines, seen).tolist() == pytest.approx(expected)
+
+
+def test_tir_merges_importance_by_maximum_and_relaxes_it_by_the_owners_similarity():
+    merged, owner = cit.max_merge(None, None, {"w": torch.tensor([0.5, 0.1, 0.4])}, 0)
+    assert owner["w"].tolist() == [0, 0, 0]
+    merged, owner = cit.max_merge(merged, owner, {"w": torch.tensor([0.2, 0.6, 0.4])}, 1)
+    assert merged["w"].tolist() == pytest.approx([0.5, 0.6, 0.4]) and owner["w"].tolist() == [0, 1, 0]
+    relaxed = cit.relax(merged, owner, torch.tensor([0.8, 0.3]))  # the new task is like task 0, unlike task 1
+    assert relaxed["w"].tolist() == pytest.approx([0.5 * 0.2, 0.6 * 0.7, 0.4 * 0.2])
+
+
+def test_tir_is_wired_in_by_its_flag_and_reports_each_new_tasks_similarities(tmp_path, cache):
+    assert cit.method_hooks(cit.parse_args(["--method", "ewc"]))["before_task"] is cit.do_nothing
+    results = run(tmp_path, cache, "--method", "ewc", "--tir", "--importance", "mas", "--tasks", "count,ocr,mcq",
+                  "--steps", "2", "--max-test", "4")
+    similarity = results["tir_similarity"]
+    assert sorted(similarity) == [1, 2] and len(similarity[1]) == 1 and len(similarity[2]) == 2
+    assert similarity[1] == pytest.approx([0.5 ** 3])  # one pair seen: no spread to z-score by
+    assert all(0 < s < 1 for s in similarity[2]) and results["config"]["importance"] == "mas"
 
 
 def test_lwf_term_is_zero_while_the_model_equals_its_frozen_copy(tiny):
@@ -482,8 +572,33 @@ def test_eproj_leaves_the_shared_weights_and_earlier_experts_untouched_and_route
     expert = state["experts"][0]
     assert all(torch.equal(expert[n], first_expert[0][n]) for n in expert)  # task 0's expert, as it finished
     assert any(not torch.equal(expert[n], state["experts"][1][n]) for n in expert)  # task 1 trained its own
+    parts = cit.model_parts(model)
+    assert set(expert) == set(parts["connector"])  # the paper's experts: projector copies, the rest frozen
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(cit.inside(n, parts["language"]) for n in frozen) and all(n in frozen for n in frozen
+                                                                       if cit.inside(n, parts["language"]))
     assert state["routing"] == {0: 1.0, 1: 1.0}
+    assert state["report"]["trainable_per_task"] == sum(p.numel() for p in expert.values())
+
+
+def test_eproj_keys_are_pulled_to_the_direction_of_their_tasks_features(tiny):
+    model, processor = tiny
+    state = {"args": cit.parse_args([]), "processor": processor, "device": "cpu", "task": 0, "report": {}}
+    model = cit.start_experts(state, cit.train_connector(state, copy.deepcopy(model)))
+    examples = cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train")
+    keys = cit.eproj_keys(state, model, examples)
+    features = cit.routing_features(state, model, cit.prototype_sample(examples, 0))
+    for key, feature in zip(keys, features):
+        assert F.cosine_similarity(key, feature.mean(0), dim=0) > 0.999 and key.norm() == pytest.approx(1)
+
+
+def test_eproj_lora_gives_each_task_an_adapter_and_a_connector_copy(tiny):
+    model, _ = tiny
+    args = cit.parse_args(["--method", "eproj", "--eproj-lora"])
+    state = {"args": args, "report": {}}
+    adapted = cit.method_hooks(args)["prepare"](state, copy.deepcopy(model))
+    assert any(".lora_A." in n for n in state["initial"]) and any(".modules_to_save." in n for n in state["initial"])
+    assert set(state["initial"]) == set(cit.trainable(adapted))
 
 
 # ---- the loop
@@ -629,7 +744,7 @@ def test_task_similarity_is_one_for_identical_tasks_and_symmetric(tiny):
     prototypes = [cit.task_prototype(model, processor, examples[name], "cpu", seed=0)
                   for name in ["count", "ocr", "count"]]
     similarity = cit.task_similarity(prototypes)
-    assert set(similarity) == {"image", "instruction", "combined"}
+    assert set(similarity) == {"image", "instruction", "answer", "combined"}
     for matrix in similarity.values():
         assert torch.equal(matrix, matrix.T)
         assert torch.allclose(matrix.diagonal(), torch.ones(3)) and matrix[0, 2] == pytest.approx(1, abs=1e-6)
@@ -643,6 +758,16 @@ def test_spearman_matches_hand_worked_ranks():
     # ranks with the tie shared: x -> 0, 1.5, 1.5, 3 and y -> 0, 2, 1, 3: 4.5 / sqrt(4.5 * 5)
     assert cit.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
     assert cit.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_within_row_correlation_ranks_each_as_forgetting_by_similarity_alone():
+    similarity = [[1, 0.6, 0.7, 0.8], [0.6, 1, 0.1, 0.2], [0.7, 0.1, 1, 0.4], [0.8, 0.2, 0.4, 1]]
+    forgetting = [[None, 0.1, 0.2, 0.3],  # in the order of the similarity: +1
+                  [0.9, None, 0.8, 0.7],  # the most similar first, the other two swapped: +0.5
+                  [0.5, 0.5, None, 0.5],  # constant: no ranking, left out
+                  [0.95, 0.9, 0.92, None]]  # +1
+    assert cit.within_rows(similarity, forgetting) == pytest.approx(2.5 / 3)
+    assert cit.spearman(*cit.off_diagonal(similarity, forgetting)) < 0  # pooled, the rows' levels dominate
 
 
 def test_pair_analysis_trains_b_from_a_and_keeps_its_books(tmp_path, cache, monkeypatch):
@@ -662,46 +787,18 @@ def test_pair_analysis_trains_b_from_a_and_keeps_its_books(tmp_path, cache, monk
     assert same(starts["count then ocr"], ends["count alone"]) and same(starts["ocr then count"], ends["ocr alone"])
     assert not same(starts["count then ocr"], starts["count alone"])
     saved = json.loads((tmp_path / "out" / "pairs.json").read_text())
-    single, pairs = saved["single"], saved["pair_scores"]
-    assert saved["pair_forgetting"] == [[None, single["count"] - pairs["count"]["ocr"][0]],
-                                        [single["ocr"] - pairs["ocr"]["count"][0], None]]
+    single, pairs, curves = saved["single"], saved["pair_scores"], saved["curves"]
+    assert saved["scored_at"] == [1, 2, 3]  # 5%, 12.5%, 25%, 50% and all of 3 steps, at least one
+    assert len(curves["count"]["ocr"]) == 3 and curves["count"]["ocr"][-1] == pairs["count"]["ocr"][0]
+    assert saved["pair_forgetting"] == [[None, single["count"] - statistics.fmean(curves["count"]["ocr"])],
+                                        [single["ocr"] - statistics.fmean(curves["ocr"]["count"]), None]]
+    assert saved["final_forgetting"] == [[None, single["count"] - pairs["count"]["ocr"][0]],
+                                         [single["ocr"] - pairs["ocr"]["count"][0], None]]
     assert saved["transfer"] == [[None, pairs["count"]["ocr"][1] - single["ocr"]],
                                  [pairs["ocr"]["count"][1] - single["count"], None]]
     combined = saved["similarity"]["combined"]
     assert combined[0][1] == combined[1][0] and combined[0][0] == pytest.approx(1)
     assert report["tasks"] == ["count", "ocr"] and Image.open(tmp_path / "out" / "pairs.png").size[0] > 400
-
-
-def test_similarity_weighted_ewc_weighs_old_tasks_by_their_similarity_to_the_new_one(tmp_path, cache):
-    tasks = ["count", "ocr", "mcq"]
-    results = run(tmp_path, cache, "--method", "ewc", "--similarity-weighted", "--tasks", ",".join(tasks),
-                  "--steps", "2", "--max-test", "4")
-    weights = results["similarity_weights"]
-    assert sorted(weights) == [1, 2] and sum(weights[2]) / 2 == pytest.approx(1)
-    args = cit.parse_args(["--cache", str(cache)])
-    model, processor = cit.load_model(args, "cpu")
-    prototypes = [cit.task_prototype(model, processor, cit.load_split(cit.HERE / "tiny_tasks", name, "train"), "cpu", 0)
-                  for name in tasks]
-    similarity = cit.task_similarity(prototypes)["combined"]
-    assert weights[2][0] / weights[2][1] == pytest.approx((similarity[2, 0] / similarity[2, 1]).item(), rel=1e-4)
-
-
-def test_similarity_weighted_ewc_penalizes_with_the_weighted_sum_of_each_tasks_fisher(tiny):
-    model, processor = tiny
-    args = cit.parse_args(["--method", "ewc", "--similarity-weighted", "--batch-size", "4", "--ewc-samples", "8"])
-    hooks = cit.method_hooks(args)
-    assert cit.method_hooks(cit.parse_args(["--method", "ewc"]))["after_task"] is cit.ewc_after_task
-    assert hooks["after_task"] is not cit.ewc_after_task  # the variant is wired in by its flag only
-    state = {"args": args, "processor": processor, "device": "cpu", "report": {}}
-    for task, name in enumerate(["count", "ocr", "mcq"]):  # no training between: only the rule is at stake
-        state["task"] = task
-        examples = cit.load_split(cit.HERE / "tiny_tasks", name, "train")
-        hooks["before_task"](state, model, examples)
-        if task < 2:
-            hooks["after_task"](state, model, examples)
-    (w0, w1), (f0, f1) = state["report"]["similarity_weights"][2], state["fishers"]
-    assert w0 != pytest.approx(w1)
-    assert all(torch.allclose(state["fisher"][n], w0 * f0[n] + w1 * f1[n]) for n in f0)
 
 
 def test_similarity_init_starts_a_new_expert_from_the_nearest_earlier_one(tmp_path, cache):
@@ -724,7 +821,8 @@ def test_similarity_init_starts_a_new_expert_from_the_nearest_earlier_one(tmp_pa
 # ---- real-model path, exercised on folders this project saves itself
 @pytest.mark.parametrize("method", cit.ALL_METHODS)
 def test_every_method_runs_with_lora_and_saves_its_adapter(tmp_path, cache, method):
-    results = run(tmp_path, cache, "--method", method, "--lora", "--tasks", "count,ocr", "--steps", "2",
+    lora = ["--lora", "--eproj-lora"] if method == "eproj" else ["--lora"]  # eproj: LoRA experts by its own flag
+    results = run(tmp_path, cache, "--method", method, *lora, "--tasks", "count,ocr", "--steps", "2",
                   "--max-test", "4")
     assert results["config"]["train"] == "lora" and len(results["matrix"]) == (1 if method == "joint" else 2)
     saved = json.loads((tmp_path / "out" / "model" / "adapter_config.json").read_text())
@@ -992,7 +1090,7 @@ def test_each_familys_parts_are_found_by_what_they_are(name, family_folder):
 
 @pytest.mark.parametrize("name", family_params())
 def test_each_family_runs_expansion_routing_by_its_own_image_features(tmp_path, cache, name, family_folder):
-    results = run(tmp_path, cache, "--model", str(family_folder(name)), "--method", "eproj", "--train", "lora",
+    results = run(tmp_path, cache, "--model", str(family_folder(name)), "--method", "eproj", "--eproj-lora",
                   "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
     assert len(results["matrix"]) == 2 and 0 <= results["routing_accuracy"] <= 1
     kept = torch.load(tmp_path / "out" / "model" / "method_state.pt", weights_only=True)
