@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 from transformers import (AutoModelForImageTextToText, AutoProcessor, BatchFeature, CLIPImageProcessorPil,
@@ -39,6 +40,8 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, BatchFeatu
 from transformers.utils.logging import disable_progress_bar
 
 HERE = Path(__file__).resolve().parent
+# Under torchrun, this process's place among the processes (set up in part 2, "several processes"); else 0 of 1.
+RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 # ================================================================ PART 1: THE PAPER
 
@@ -273,9 +276,10 @@ def tiny_base(flavour, args, device):
     """The tiny base, as real continual tuning starts from LLaVA or InstructBLIP, in the Hugging Face layout:
     the one shipped in tiny_tasks/base/models, or, if the recipe has changed since, one built from it once."""
     folder = base_folder(flavour, args)
-    if not (folder / "config.json").is_file():
-        print(f"the {flavour} base in {SHIPPED_BASES} was made by another recipe: building one, kept in {folder}")
-        save_whole(*build_base(flavour, args, device), folder, base_recipe(flavour))
+    with main_process_first():  # under torchrun one process builds it, the others wait and read it
+        if not (folder / "config.json").is_file():
+            print(f"the {flavour} base in {SHIPPED_BASES} was made by another recipe: building one, kept in {folder}")
+            save_whole(*build_base(flavour, args, device), folder, base_recipe(flavour))
     return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
 
 
@@ -538,17 +542,20 @@ def train(model, processor, examples, *, steps, batch_size, lr, rng, device, des
     """AdamW on the answer-token loss; a method may change what a batch holds and add a term to the loss.
     on_step(k), if given, is called after the k-th step (the pair analysis scores a task along the way)."""
     model.train()
+    forward = data_parallel(model)  # under torchrun: DDP over what trains now; gradients averaged over processes
     # fused: one kernel over all the weights instead of a Python loop over them (a few ms of each tiny step)
     optimizer = torch.optim.AdamW(trainable(model).values(), lr=lr, fused=torch.device(device).type in ["cpu", "cuda"])
     # LLaVA's schedule: a short warm-up, then cosine decay to zero by the end of the task.
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1, disable=None)
+    progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1,
+                    disable=None if RANK == 0 else True)
     for step in progress:
         for _ in range(grad_accum):  # micro-batches whose gradients add up to one batch
-            chosen = hooks["mix_batch"](state, rng.sample(examples, min(batch_size, len(examples))), rng)
-            batch = training_batch(processor, chosen, device)
-            outputs = model(**batch)
-            loss = outputs.loss + hooks["extra_loss"](state, model, batch, outputs)
+            # Every process draws the same batch of batch_size x processes and trains on its own share of it.
+            drawn = rng.sample(examples, min(batch_size * WORLD_SIZE, len(examples)))
+            batch = training_batch(processor, hooks["mix_batch"](state, drawn, rng)[RANK::WORLD_SIZE], device)
+            outputs = forward(**batch)
+            loss = outputs.loss * token_share(batch) + hooks["extra_loss"](state, model, batch, outputs)
             (loss / grad_accum).backward()
         optimizer.step()
         schedule.step()
@@ -591,16 +598,17 @@ def run_sequence(model, tasks, hooks, state, rng, matrix):
 # ---------------------------------------------------------------- evaluation and metrics
 @torch.no_grad()
 def generate(model, processor, examples, args, device):
-    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
-    answers = []
+    """Greedy answers, batched with left padding so every prompt ends where generation starts.
+    Under torchrun each process answers every n-th batch; all get every answer, in order."""
+    answers = {}
     processor.tokenizer.padding_side = "left"
-    for first in range(0, len(examples), args.eval_batch_size):
+    for first in range(0, len(examples), args.eval_batch_size)[RANK::WORLD_SIZE]:
         chunk = examples[first:first + args.eval_batch_size]
         prompts = [processor.apply_chat_template(chat(e, answer=False), add_generation_prompt=True) for e in chunk]
         batch = processor(images=open_images(chunk), text=prompts, padding=True, return_tensors="pt").to(device)
         output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
-        answers += processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+        answers[first] = processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in in_order(answers)]
 
 
 def evaluate_all(state, model, tasks, title, answer=greedy_answers):
@@ -717,7 +725,7 @@ def per_example_importance(state, model, examples, objective, measure):
     params = trainable(model)
     total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     model.train()
-    for example in sample:
+    for example in sample[RANK::WORLD_SIZE]:  # under torchrun, each process its share; summed below
         model.zero_grad(set_to_none=True)
         batch = training_batch(state["processor"], [example], state["device"])
         objective(batch, model(**batch)).backward()
@@ -726,6 +734,7 @@ def per_example_importance(state, model, examples, objective, measure):
                 total[name] += measure(p.grad.detach().float())
     model.zero_grad(set_to_none=True)
     model.eval()
+    summed_over_processes(total.values())
     scale = sum(t.sum() for t in total.values())
     return {name: t / scale for name, t in total.items()}
 
@@ -956,19 +965,14 @@ def run_method(args, tasks):
     model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
     check_pictures(model, tasks)
     rows, matrix = run_sequence(model, tasks, hooks, state, rng, matrix)
-    # The Hugging Face layout; with LoRA only the adapter, which names the base model it goes on.
-    model.save_pretrained(args.out / "model")
-    state["processor"].save_pretrained(args.out / "model")
-    if state.get("saved_with_model"):  # what a method needs beside the weights to answer (eproj: experts and keys)
-        torch.save({key: state[key] for key in state["saved_with_model"]}, args.out / "model" / "method_state.pt")
     zero_shot = state["report"]["zero_shot"]
     results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
                "fwt": forward_transfer(matrix, zero_shot),
                "metrics": {name: task["metric"] for name, task in tasks.items()},
                "records_cut": len(CUT.get(state["processor"], ())), **state["report"],
                "wall_time_s": round(time.time() - started, 1), "config": vars(args)}
-    write_json(args.out / "results.json", results)
-    remove_checkpoints(args.out)  # <out>/model now holds the same weights
+    if RANK == 0:  # under torchrun the first process writes
+        save_run(args, state, model, results)
     table = format_table([zero_shot, *matrix], ["(base)", *rows], list(tasks), "after \\ on")
     print(f"\naccuracy matrix R (row: after training task i, the base first; column: score on task j)\n{table}")
     fwt = "" if results["fwt"] is None else f"  fwt {results['fwt']:+.3f}"
@@ -977,12 +981,25 @@ def run_method(args, tasks):
     return results
 
 
+def save_run(args, state, model, results):
+    """The final model in the Hugging Face layout (with LoRA only the adapter, which names its base model), what a
+    method needs beside it to answer (eproj: every expert and key), results.json; the checkpoints go."""
+    model.save_pretrained(args.out / "model")
+    state["processor"].save_pretrained(args.out / "model")
+    if state.get("saved_with_model"):
+        torch.save({key: state[key] for key in state["saved_with_model"]}, args.out / "model" / "method_state.pt")
+    write_json(args.out / "results.json", results)
+    remove_checkpoints(args.out)  # <out>/model now holds the same weights
+
+
 def main(argv=None):
     args = parse_args(argv)
     disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
-    with errors_in_one_line(args), profiled(args):
+    with errors_in_one_line(args), processes(args), profiled(args):
         if args.rebuild_base:
-            rebuild_bases(args)
+            with main_process_first():
+                if RANK == 0:
+                    rebuild_bases(args)
         tasks = check_inputs(args)
         if args.seeds:  # a finding is a mean over seeds: the same experiment once per seed, then mean and spread
             return over_seeds(args, tasks)
@@ -1233,7 +1250,7 @@ def check_inputs(args):
         if not (args.resume or args.overwrite) and any(f.exists() for f in earlier):
             raise InputError(f"--out {out} holds an earlier run: add --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
-        if args.overwrite:
+        if args.overwrite and RANK == 0:
             remove_checkpoints(out)
     return tasks
 
@@ -1446,7 +1463,7 @@ def errors_in_one_line(args):
     except InputError as error:
         if args.debug:
             raise
-        sys.exit(f"cit.py: {error}")
+        sys.exit(f"cit.py: {error}" if RANK == 0 else 1)  # under torchrun every process stops; the first says why
     except KeyboardInterrupt:
         print(f"\ncit.py: interrupted; what was finished is kept in {args.out} (a run goes on with --resume)",
               file=sys.stderr)
@@ -1685,6 +1702,8 @@ def save_checkpoint(state, model, rng, task_names, matrix):
     progress.json is renamed into place last and names the checkpoint: it only ever points at a complete one.
     """
     args = state["args"]
+    if RANK > 0:  # under torchrun the first process keeps the books
+        return
     folder = args.out / f"checkpoint-{len(matrix)}"
     shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while saving
     model.save_pretrained(folder / "model")
@@ -1841,6 +1860,8 @@ def compare(runs, out):
             **{key: spread([r.get(key) for r in results])
                for key in ["average", "forgetting", "bwt", "fwt", "wall_time_s"]},
             "diagonal": spread([diagonal_mean(r) for r in results])}
+    if RANK > 0:  # under torchrun the first process writes
+        return summary
     write_json(out / "summary.json", summary)
     lines = ["| method | average | forgetting | bwt | fwt | mean of the diagonal | wall time (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -2107,6 +2128,81 @@ def draw_pairs(report, path, cell=36):
     draw.text((box[0], box[3] + 20), f"forgetting {span[1][0]:.2f} .. {span[1][1]:.2f} (bottom to top)",
               fill="black", font=font)
     picture.save(path)
+
+
+# ---------------------------------------------------------------- several processes: torchrun, data-parallel
+# torchrun --nproc_per_node N cit.py ... starts N copies of this file, each told its RANK and the WORLD_SIZE. They
+# draw the same batches and train on their shares of each (DistributedDataParallel averages the gradients, so every
+# optimizer step is the same in every process), answer their shares of the test questions and gather the answers;
+# the first process prints and writes. Without torchrun none of this runs.
+@contextmanager
+def processes(args):
+    """Under torchrun: the process group (NCCL between GPUs, gloo between CPUs), each process on its own GPU, and
+    only the first one printing; in one process, nothing."""
+    if WORLD_SIZE == 1:
+        yield
+        return
+    if args.analyze:
+        raise InputError("--analyze pairs runs in one process: start it with python, not torchrun")
+    gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    if gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    if RANK > 0:
+        sys.stdout = open(os.devnull, "w")
+    try:
+        yield
+        torch.distributed.barrier()  # the first process may still be writing: the others wait for it
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def main_process_first():
+    """The first process does something (builds a base) before the others, who then find it done."""
+    if WORLD_SIZE > 1 and RANK > 0:
+        torch.distributed.barrier()
+    yield
+    if WORLD_SIZE > 1 and RANK == 0:
+        torch.distributed.barrier()
+
+
+def data_parallel(model):
+    """DistributedDataParallel over the weights that train now, made anew for each stage (eproj changes what
+    trains between tasks, and DDP must see exactly that); in one process, the model itself."""
+    if WORLD_SIZE == 1:
+        return model
+    on_gpu = next(model.parameters()).is_cuda
+    # Unused weights are looked for: a batch without pictures leaves the connector out of the forward pass.
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if on_gpu else None,
+                                   find_unused_parameters=True)
+
+
+def token_share(batch):
+    """This process's share of the batch's answer tokens, times the number of processes: the factor that turns
+    DDP's average of each process's mean loss into the mean over all the batch's tokens, as one process has it."""
+    if WORLD_SIZE == 1:
+        return 1.0
+    own = (batch["labels"][:, 1:] != -100).sum()  # the tokens the loss is a mean over (each predicts the next)
+    everyone = own.clone()
+    torch.distributed.all_reduce(everyone)
+    return WORLD_SIZE * own / everyone
+
+
+def in_order(shares):
+    """Every process's answers, {first question's index: answers}, gathered and joined in the questions' order."""
+    if WORLD_SIZE > 1:
+        everyone = [None] * WORLD_SIZE
+        torch.distributed.all_gather_object(everyone, shares)
+        shares = {first: answers for share in everyone for first, answers in share.items()}
+    return [answer for first in sorted(shares) for answer in shares[first]]
+
+
+def summed_over_processes(tensors):
+    """Each tensor summed over the processes, in place (EWC's importances, of each process's examples)."""
+    if WORLD_SIZE > 1:
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor)
 
 
 # ---------------------------------------------------------------- variants of the methods, each wired in by its flag

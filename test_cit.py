@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import cit
@@ -1149,3 +1150,64 @@ def test_a_family_that_needs_a_picture_refuses_text_only_examples_in_one_line(tm
     message = input_error(capsys, "--model", str(family_folder("blip2")), "--data", str(tmp_path / "data"),
                           "--out", str(tmp_path / "out"))  # its model puts query tokens before every prompt
     assert "Blip2ForConditionalGeneration needs a picture in every example; task chat has 2 without one" in message
+
+
+# ---- several processes: torchrun on CPU (gloo), two processes against one with the same global batch
+SHORT = ["--tasks", "count,ocr", "--steps", "4", "--max-test", "6", "--max-train", "30", "--replay-size", "4"]
+
+
+def torchrun(tmp_path, cache, *flags, script=cit.HERE / "cit.py"):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               "--out", str(tmp_path / "out"), "--cache", str(cache), "--show", "0", *flags]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def weights(folder):
+    return load_file(folder / "model" / "model.safetensors")
+
+
+@full_only
+def test_two_processes_train_and_score_every_method_as_one_process_with_their_global_batch(tmp_path, cache):
+    alone = run(tmp_path / "one", cache, "--method", "all", "--batch-size", "8", *SHORT)
+    two = torchrun(tmp_path / "two", cache, "--method", "all", "--batch-size", "4", *SHORT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for one in alone:
+        method = one["method"]
+        shared = json.loads((tmp_path / "two" / "out" / method / "results.json").read_text())
+        # The same batches, split in two: the gradients differ only in the order of float sums (1e-7 here), too
+        # little to change a greedy answer, so the matrices are equal and the weights close.
+        assert shared["matrix"] == one["matrix"], method
+        expected, got = weights(tmp_path / "one" / "out" / method), weights(tmp_path / "two" / "out" / method)
+        assert all(torch.allclose(expected[k], got[k], atol=1e-5) for k in expected), method
+    assert (tmp_path / "two" / "out" / "summary.md").is_file() and two.stdout.count("======== ewc") == 1
+
+
+@full_only
+def test_a_run_interrupted_under_torchrun_resumes_to_the_same_end(tmp_path, cache):
+    flags = ["--method", "ewc", "--tir", "--batch-size", "4", *SHORT]
+    whole = torchrun(tmp_path / "whole", cache, *flags)
+    stopper = tmp_path / "stopped_on_the_second_task.py"
+    stopper.write_text(f"import sys\nsys.path.insert(0, {str(cit.HERE)!r})\nimport cit\n"
+                       "train, calls = cit.train, []\n\n"
+                       "def interrupted_on_the_second_task(*args, **kwargs):\n"
+                       "    calls.append(1)\n"
+                       "    if len(calls) == 2:\n"
+                       "        raise KeyboardInterrupt\n"
+                       "    return train(*args, **kwargs)\n\n"
+                       "cit.train = interrupted_on_the_second_task\ncit.main()\n")
+    cut = torchrun(tmp_path / "cut", cache, *flags, script=stopper)
+    out = tmp_path / "cut" / "out"
+    assert cut.returncode != 0 and "interrupted" in cut.stderr and not (out / "results.json").exists()
+    assert len(json.loads((out / "progress.json").read_text())["matrix"]) == 1
+    resumed = torchrun(tmp_path / "cut", cache, *flags, "--resume")
+    assert whole.returncode == resumed.returncode == 0, resumed.stderr[-3000:]
+    saved = [json.loads((folder / "results.json").read_text()) for folder in [tmp_path / "whole" / "out", out]]
+    assert saved[0]["matrix"] == saved[1]["matrix"] and saved[0]["tir_similarity"] == saved[1]["tir_similarity"]
+    expected, got = weights(tmp_path / "whole" / "out"), weights(out)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_the_pair_analysis_refuses_torchrun_in_one_line(tmp_path, cache):
+    done = torchrun(tmp_path, cache, "--analyze", "pairs", *SHORT)
+    assert done.returncode != 0  # torchrun adds its own report of the failed processes
+    assert done.stderr.count("cit.py: --analyze pairs runs in one process") == 1  # said once, by the first
