@@ -619,12 +619,17 @@ def evaluate_all(state, model, tasks, title, answer=greedy_answers):
     for j, (name, task) in enumerate(tasks.items()):
         examples = task["test"]
         predictions = answer(state, model, examples, j)
-        scores.append(METRICS[task["metric"]](predictions, [e["references"] for e in examples]))
+        scores.append(score(task, predictions))
         print(f"  {name:<12} {scores[-1]:.2f}")
         for example, prediction in list(zip(examples, predictions))[:state["args"].show]:
             question = example["question"].splitlines()[0]
             print(f"      Q: {question}  A: {prediction!r}  (expected {example['answer']!r})")
     return scores
+
+
+def score(task, predictions):
+    """A task's metric over its test examples."""
+    return METRICS[task["metric"]](predictions, [e["references"] for e in task["test"]])
 
 
 def normalize(text):
@@ -2028,10 +2033,13 @@ def analyze_pairs(args, tasks):
         after_first = snapshot(model)
         for second in [n for n in names if n != first]:
             curve = curves.setdefault(first, {}).setdefault(second, [])
+            # the curve's last point is A's score at B's end, taken once by evaluate_all below
             tune(after_first, second, f"{first} then {second}",
-                 lambda step: curve.append(quiet_score(state, model, tasks[first])) if step in scored_at else None)
+                 lambda step: curve.append(quiet_score(state, model, tasks[first]))
+                 if step in scored_at[:-1] else None)
             pair_scores.setdefault(first, {})[second] = evaluate_all(
                 state, model, {first: tasks[first], second: tasks[second]}, f"after {first} then {second}")
+            curve.append(pair_scores[first][second][0])
     report = {"tasks": names, "single": single, "pair_scores": pair_scores, "scored_at": scored_at, "curves": curves,
               "pair_forgetting": [[None if a == b else single[a] - statistics.fmean(curves[a][b]) for b in names]
                                   for a in names],
@@ -2055,7 +2063,7 @@ def quiet_score(state, model, task):
     """A task's score in the middle of training, nothing printed; the model goes back to training mode."""
     predictions = greedy_answers(state, model.eval(), task["test"], 0)
     model.train()
-    return METRICS[task["metric"]](predictions, [e["references"] for e in task["test"]])
+    return score(task, predictions)
 
 
 def within_rows(similarity, matrix):

@@ -779,6 +779,8 @@ def test_pair_analysis_trains_b_from_a_and_keeps_its_books(tmp_path, cache, monk
         train(model, *args, **kwargs)
         ends[kwargs["desc"]] = cit.snapshot(model)
     monkeypatch.setattr(cit, "train", recording)
+    quiet_score, mid_training = cit.quiet_score, []
+    monkeypatch.setattr(cit, "quiet_score", lambda *a: mid_training.append(1) or quiet_score(*a))
     report = run(tmp_path, cache, "--analyze", "pairs", "--tasks", "count,ocr", "--steps", "3", "--max-test", "6")
 
     def same(a, b):
@@ -791,6 +793,7 @@ def test_pair_analysis_trains_b_from_a_and_keeps_its_books(tmp_path, cache, monk
     single, pairs, curves = saved["single"], saved["pair_scores"], saved["curves"]
     assert saved["scored_at"] == [1, 2, 3]  # 5%, 12.5%, 25%, 50% and all of 3 steps, at least one
     assert len(curves["count"]["ocr"]) == 3 and curves["count"]["ocr"][-1] == pairs["count"]["ocr"][0]
+    assert len(mid_training) == 2 * 2  # steps 1 and 2 of each pair; the last point is the final evaluation's
     assert saved["pair_forgetting"] == [[None, single["count"] - statistics.fmean(curves["count"]["ocr"])],
                                         [single["ocr"] - statistics.fmean(curves["ocr"]["count"]), None]]
     assert saved["final_forgetting"] == [[None, single["count"] - pairs["count"]["ocr"][0]],
