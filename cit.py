@@ -1996,14 +1996,17 @@ def task_similarity(prototypes):
     return similarity
 
 
-PAIR_CURVE = [0.05, 0.125, 0.25, 0.5, 1.0]  # shares of B's training after which A is scored: 10, 25, ..., 200 steps
+def doubling_steps(steps):
+    """The steps of B's training after which the pair study scores A: 1, 2, 4, 8, ... and the last. A fine-tuned
+    task is mostly lost within B's first ten steps here, so the points are evenly spaced on a log axis."""
+    return [2 ** k for k in range(steps.bit_length()) if 2 ** k < steps] + [steps]
 
 
 def analyze_pairs(args, tasks):
     """The paper's task-pair study, with plain fine-tuning. From the base, train each task A (its weights kept
-    in memory), then from there each other task B, scoring A along B's training (PAIR_CURVE) and B at its end:
-        pair_forgetting[A][B]  = score(A after A) - the mean of A's scores along B's training
-                                 (the area between A's curve and its start: how soon, not only how much, A is lost)
+    in memory), then from there each other task B, scoring A along B's training (doubling_steps) and B at its end:
+        pair_forgetting[A][B]  = score(A after A) - the mean of A's scores along B's training (the area between
+                                 A's curve and its start on a log axis of steps: how soon, not only how much, A is lost)
         final_forgetting[A][B] = score(A after A) - score(A after A then B)
         transfer[A][B]         = score(B after A then B) - score(B after B alone)
     and compare with the similarity of the tasks' prototypes, taken from the base before any training: over all
@@ -2025,7 +2028,7 @@ def analyze_pairs(args, tasks):
         train(model, processor, tasks[name]["train"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
               rng=random.Random(args.seed), device=device, desc=title, grad_accum=args.grad_accum, on_step=on_step)
 
-    scored_at = sorted({max(1, round(share * args.steps)) for share in PAIR_CURVE})
+    scored_at = doubling_steps(args.steps)
     single, pair_scores, curves = {}, {}, {}
     for first in names:
         tune(base, first, f"{first} alone")

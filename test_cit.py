@@ -791,7 +791,7 @@ def test_pair_analysis_trains_b_from_a_and_keeps_its_books(tmp_path, cache, monk
     assert not same(starts["count then ocr"], starts["count alone"])
     saved = json.loads((tmp_path / "out" / "pairs.json").read_text())
     single, pairs, curves = saved["single"], saved["pair_scores"], saved["curves"]
-    assert saved["scored_at"] == [1, 2, 3]  # 5%, 12.5%, 25%, 50% and all of 3 steps, at least one
+    assert saved["scored_at"] == [1, 2, 3] and cit.doubling_steps(200) == [1, 2, 4, 8, 16, 32, 64, 128, 200]
     assert len(curves["count"]["ocr"]) == 3 and curves["count"]["ocr"][-1] == pairs["count"]["ocr"][0]
     assert len(mid_training) == 2 * 2  # steps 1 and 2 of each pair; the last point is the final evaluation's
     assert saved["pair_forgetting"] == [[None, single["count"] - statistics.fmean(curves["count"]["ocr"])],
