@@ -1737,12 +1737,11 @@ def resume_run(args, device, hooks):
                                                           weights_only=True)
     if (saved / "adapter_config.json").is_file():  # LoRA (--eproj-lora's too): the adapter goes back onto the base
         model, processor = load_model(args, device)
-        model.requires_grad_(False)
-        model = PeftModel.from_pretrained(model, saved, is_trainable=True)
-    else:  # full weights: the checkpoint is a model folder of its own, of which what trained before trains
+        model = PeftModel.from_pretrained(model, saved)
+    else:  # full weights: the checkpoint is a model folder of its own
         model, processor = load_model(with_args(args, model=str(saved)), device)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in saved_state["trains"])
+    for name, p in model.named_parameters():  # what trained before trains, whatever the method made train
+        p.requires_grad_(name in saved_state["trains"])
     state = {"args": args, "processor": processor, "device": device, "task": 0, **saved_state["memory"]}
     rng = random.Random()
     rng.setstate(saved_state["rng"])

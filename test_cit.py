@@ -712,7 +712,8 @@ def saved_weights(folder):
             for name, tensor in load_peft_weights(str(a.parent)).items()}
 
 
-@pytest.mark.parametrize("flags", [["--method", "ewc"], ["--method", "replay", "--lora"], ["--method", "eproj"]])
+@pytest.mark.parametrize("flags", [["--method", "ewc"], ["--method", "replay", "--lora"], ["--method", "eproj"],
+                                   ["--method", "eproj", "--eproj-lora"]])
 def test_a_run_interrupted_after_its_first_task_resumes_to_the_same_end(tmp_path, cache, monkeypatch, flags):
     flags += ["--tasks", "count,ocr", "--steps", "4", "--max-test", "6", "--max-train", "30", "--replay-size", "8"]
     whole = run(tmp_path / "whole", cache, *flags)
