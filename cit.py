@@ -1,43 +1,24 @@
-"""cit.py: continual instruction tuning of a large multimodal model (LMM), in one file.
+"""cit.py: continual instruction tuning of a large multimodal model (LMM), after He, Guo, Tang, Wang (2023).
 
-Instruction-tunes a LLaVA-style model on one vision-language task after another, scores every task
-after each one (the accuracy matrix R), and reports average accuracy, forgetting and backward transfer,
-after "Continual Instruction Tuning for Large Multimodal Models" (He, Guo, Tang, Wang, 2023).
-By default a tiny LLaVA with random weights is pre-trained on the spot and tuned on tiny synthetic
-tasks on a CPU:  python cit.py --method finetune   (then try joint, all, or --analyze pairs).
+    python cit.py --method ewc      # a tiny LLaVA, tuned on seven tiny tasks one after another, on a CPU
 
-Part 1, the paper, reads top to bottom: data, model, the loop, evaluation and metrics, the four methods,
-the entry point. Part 2, after the fence, is support: flags, input checks, checkpoints, pictures, analyses.
+Part 1, the paper, reads top to bottom: data, the model, the loop, evaluation and metrics, the methods (EWC and MAS,
+TIR, LwF, replay, expanded projection, joint), the entry point. Part 2, after the fence, is support: flags and checks,
+model families and the tiny base, real benchmarks' scorers, checkpoints, pictures, analyses, torchrun.
 """
-import argparse
-import hashlib
-import inspect
-import json
-import math
 import os
 import random
 import re
-import shutil
-import statistics
-import sys
 import time
-import weakref
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from PIL import Image, ImageDraw, ImageFont
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.flop_counter import FlopCounterMode
+from peft import get_peft_model
+from PIL import Image
 from tqdm import tqdm
-from transformers import (AutoModelForImageTextToText, AutoProcessor, BatchFeature, CLIPImageProcessorPil,
-                          CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                          PreTrainedTokenizerFast, get_cosine_schedule_with_warmup)
-from transformers.utils.logging import disable_progress_bar
+from transformers import get_cosine_schedule_with_warmup
 
 HERE = Path(__file__).resolve().parent
 # Under torchrun, this process's place among the processes (set up in part 2, "several processes"); else 0 of 1.
@@ -46,52 +27,8 @@ RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZ
 # ================================================================ PART 1: THE PAPER
 
 # ---------------------------------------------------------------- the tiny setup
-# The tiny tasks' default order: captioning first, as in the paper's benchmark, multiple choice last.
+# The seven tiny tasks of tiny_tasks/ in their default order: captioning first, as in the paper, multiple choice last.
 TASK_ORDER = ["caption", "ocr", "classify", "vqa", "count", "grounding", "mcq"]
-# mcq's options and letter answers would make it scored as ScienceQA is (METRICS' "option"), where a caption's
-# first word "a" reads as option A; the tiny task asks for the letter, so exact match scores it.
-TINY_METRICS = {"mcq": "exact"}
-# The tiny LMM: a CLIP vision tower (32x32 images, 8x8 patches: 16 image tokens), a two-layer MLP
-# projector and a Llama language model, with a byte-level tokenizer made here.
-TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                   image_size=32, patch_size=8)
-TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=256)
-TINY_VOCAB_SIZE = 1024
-# How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because
-# nothing is pre-trained here), then for "instruct" a joint multi-task instruction-tuning stage whose mix keeps
-# the captions, as LLaVA-1.5's and InstructBLIP's mixes do, so that it adds to what alignment taught. The base
-# has its own seed: every run, whatever its --seed, starts from the same base, as runs of a real LMM do.
-TINY_BASE = dict(align_steps=1200, instruct_steps=400, batch_size=32, lr=1e-3, seed=0)
-BASE_MIXES = {"align": ["align"], "instruct": ["align", "instruct"]}  # folders of tiny_tasks/base per stage
-# The two bases ship with the project (4 MB each), so every machine starts from the same weights; a base is built
-# again only when the recipe above changes (into --cache) or on request (--rebuild-base, into this folder).
-SHIPPED_BASES = HERE / "tiny_tasks" / "base" / "models"
-# LLaVA-1.5's conversation format, written as a chat template so that the tiny model and real models
-# build prompts through the same call: processor.apply_chat_template.
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %} {% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-# A family whose processor has no chat template gets prompts as its model card writes them: BLIP-2 "Question: ...
-# Answer:", InstructBLIP the bare instruction (their processors put the query tokens in front), PaliGemma the
-# prompt after its image (its processor adds <bos> after the image and "\n" after the prompt, and joins the answer
-# itself). Any other family without one gets LLaVA-1.5's. (transformers renders templates with trim_blocks, which
-# drops a newline written right after a tag: hence {{ '\n' }}.)
-TURN_TEXT = "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-CARD_TEMPLATES = {
-    "blip-2": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}Question: "
-              + TURN_TEXT + " Answer:{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
-    "instructblip": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}"
-                    + TURN_TEXT + "{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
-    "paligemma": "{% for m in messages %}{% if m['role'] == 'user' %}{% if loop.first %}{% for c in m['content'] %}"
-                 "{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}" + TURN_TEXT
-                 + "{% else %}{{ '\\n' }}" + TURN_TEXT + "{{ '\\n' }}{% endif %}{% endfor %}",
-}
-# What trains (--train): the connector alone (InstructBLIP's setting: Q-Former and projection, the language model
-# frozen), LoRA on the language model plus the connector (LLaVA's usual fine-tuning), or all but the vision encoder.
-TRAINABLE = ["connector", "lora", "all"]
 
 
 # ---------------------------------------------------------------- data: LLaVA records to batches
@@ -157,20 +94,17 @@ def chat(example, answer=True):
     return messages if answer else messages[:-1]
 
 
+def prompt(processor, example):
+    """The text a question is asked with: the conversation so far in the model's own chat template, then the
+    opening of the assistant's turn, where its answer starts."""
+    return processor.apply_chat_template(chat(example, answer=False), add_generation_prompt=True)
+
+
 def open_images(examples):
     """The pictures of a batch, one list per example (empty without one), as every family's processor takes them;
     None for a batch with no picture at all."""
     images = [[open_image(e["image"])] if e["image"] else [] for e in examples]
     return images if any(images) else None
-
-
-def open_image(path):
-    """An RGB picture; Pillow's decompression-bomb limit stays on, so an absurdly large image is refused."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise InputError(f"{path}: not a readable image ({error})") from None
 
 
 def training_batch(processor, examples, device):
@@ -186,14 +120,9 @@ def encode_example(processor, example):
     text and each answer's span starts and ends where it does in the full conversation, for any model.
     """
     images = open_images([example])
+    if takes_suffix(processor):  # PaliGemma's processor joins prompt and answer itself (part 2)
+        return encode_with_suffix(processor, example, images)
     messages = chat(example)
-    if "suffix" in inspect.signature(processor.__call__).parameters:  # PaliGemma: prompt and answer go in apart,
-        # as its card trains it; the processor masks the prompt and marks it for prefix attention (token_type_ids)
-        if images is None:
-            raise InputError(f"{type(processor).__name__} takes no text-only example, as {example['question'][:60]!r}")
-        prompt = processor.apply_chat_template(chat(example, answer=False), add_generation_prompt=True)
-        encoding = processor(images=images, text=[prompt], suffix=[example["answer"]], return_tensors="pt")
-        return cut_to_length(dict(encoding), processor, example)
 
     def length(prefix, **options):
         text = processor.apply_chat_template(prefix, **options)
@@ -211,123 +140,17 @@ def encode_example(processor, example):
     return cut_to_length(encoding, processor, example)
 
 
-def collate(encodings, pad_id):
-    """Examples into one batch, concatenated: token rows padded on the right (input_ids with the pad token, labels
-    with -100, so padding is never learned), pixels and the like with zeros where examples differ, as processors do.
-    An example without an image has no pixels: the others' are concatenated in order, as the processor would."""
-    batch = {}
-    for key in dict.fromkeys(key for e in encodings for key in e):
-        tensors = [e[key] for e in encodings if key in e]
-        sizes = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
-        fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
-        # F.pad takes (before, after) pairs from the last dimension backwards; the first is the one concatenated.
-        pads = [[p for size, have in zip(sizes[::-1], t.shape[:0:-1]) for p in (0, size - have)] for t in tensors]
-        batch[key] = torch.cat([F.pad(t, pad, value=fill) for t, pad in zip(tensors, pads)])
-    return BatchFeature(batch)
+def answer_positions(batch):
+    """Where the logits predict an answer token: the logits at position t predict token t + 1."""
+    return batch["labels"][:, 1:] != -100
 
 
-# ---------------------------------------------------------------- model: the tiny LLaVA, its bases, any LMM
-def tiny_tokenizer(texts):
-    """A byte-level BPE tokenizer trained on the spot on the tiny world's text, as real LMMs' are on the web's.
-
-    Every byte stays in the vocabulary, so any text a user's data brings is covered: no unknown tokens.
-    """
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<pad>", "<s>", "</s>", "<image>"], show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-
-
-def tiny_corpus():
-    """The text the tiny tokenizer learns from: every instruction and answer in tiny_tasks, and the prompt format."""
-    texts = ["USER: ASSISTANT:"]
-    for path in sorted((HERE / "tiny_tasks").glob("**/train.json")):
-        texts += [turn["value"] for record in json.loads(path.read_text()) for turn in record["conversations"]]
-    return texts
-
-
-def tiny_model_and_processor(tokenizer):
-    """A real transformers LLaVA built from a small config with random weights: nothing is downloaded."""
-    size = TINY_VISION["image_size"]
-    # Resize to the input size without cropping, so images of any shape keep all their content.
-    image_processor = CLIPImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False)
-    # "default" drops the vision tower's CLS token: 16 patch features for 16 <image> tokens.
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=TINY_VISION["patch_size"], vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**TINY_VISION),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_TEXT),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(size // TINY_VISION["patch_size"]) ** 2,
-        vision_feature_select_strategy="default", vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, processor
-
-
-def tiny_base(flavour, args, device):
-    """The tiny base, as real continual tuning starts from LLaVA or InstructBLIP, in the Hugging Face layout:
-    the one shipped in tiny_tasks/base/models, or, if the recipe has changed since, one built from it once."""
-    folder = base_folder(flavour, args)
-    with main_process_first():  # under torchrun one process builds it, the others wait and read it
-        if not (folder / "config.json").is_file():
-            print(f"the {flavour} base in {SHIPPED_BASES} was made by another recipe: building one, kept in {folder}")
-            save_whole(*build_base(flavour, args, device), folder, base_recipe(flavour))
-    return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
-
-
-def build_base(flavour, args, device):
-    """LLaVA's stages in miniature: "align" is stage 1 (captions, every weight trains, since nothing here is
-    pre-trained); "instruct" goes on from it with joint multi-task instruction tuning, the vision encoder frozen."""
-    if flavour == "align":
-        torch.manual_seed(TINY_BASE["seed"])
-        model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
-    else:
-        model, processor = tiny_base("align", args, device)
-        freeze_vision_encoder(model)
-    model.to(device)
-    examples = [e for mix in BASE_MIXES[flavour] for e in load_split(HERE / "tiny_tasks" / "base", mix, "train")]
-    train(model, processor, examples, steps=TINY_BASE[f"{flavour}_steps"], batch_size=TINY_BASE["batch_size"],
-          lr=TINY_BASE["lr"], rng=random.Random(TINY_BASE["seed"]), device=device, desc=f"base: {flavour}")
-    return model, processor
-
-
-def load_pretrained(name, args, dtype):
-    """Any image-text-to-text model of transformers, from the hub or a folder, through the generic classes.
-
-    A folder that a run saved with LoRA holds an adapter: it is loaded onto the base it names and merged.
-    """
-    with model_loading_errors(name):
-        if (Path(name) / "adapter_config.json").is_file():
-            model, _ = load_pretrained(PeftConfig.from_pretrained(name).base_model_name_or_path, args, dtype)
-            return PeftModel.from_pretrained(model, name).merge_and_unload(), AutoProcessor.from_pretrained(name)
-        remote = args.trust_remote_code
-        return (AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=remote),
-                AutoProcessor.from_pretrained(name, trust_remote_code=remote))
-
-
+# ---------------------------------------------------------------- the model: an LMM whose vision encoder is frozen
 def load_model(args, device):
-    """The base model on its device, ready to tune: the vision encoder frozen, as in LLaVA's stage 2."""
-    dtype = pick_dtype(args, device)
-    if args.model == "tiny":
-        model, processor = tiny_base(args.base, args, device)
-        model.to(dtype)
-    else:
-        model, processor = load_pretrained(args.model, args, dtype)
-    if processor.chat_template is None:
-        processor.chat_template = CARD_TEMPLATES.get(model.config.model_type, TINY_CHAT_TEMPLATE)
-    mend_blip_image_token(processor)
-    # Training records longer than this are cut (--max-length; by default the language model's own limit).
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    processor.tokenizer.model_max_length = args.max_length or min(processor.tokenizer.model_max_length,
-                                                                  limit or math.inf)
+    """The base LMM on its device, ready to tune: its vision encoder frozen, as in LLaVA's stage 2 (aligned once with
+    the language model, never tuned after). --model tiny is a LLaVA made and pre-trained here (--base align or
+    instruct); any other is a transformers image-text-to-text model: how each family loads is part 2's base_model."""
+    model, processor = base_model(args, device)
     model.to(device)
     freeze_vision_encoder(model)
     if args.gradient_checkpointing:
@@ -336,71 +159,39 @@ def load_model(args, device):
     return model, processor
 
 
-def model_parts(model):
-    """An LMM's parts, found by what they are, whatever a family calls them: the vision encoder and the language
-    model are what transformers' get_encoder("image") and get_decoder() give; the connector is every weight outside
-    both and the output head (a projector, a Q-Former with its query tokens, an image-newline vector), or, where a
-    family keeps it inside the vision encoder (Qwen-VL's merger), that encoder's last part with weights.
-    Returns module names: "vision", "language", "head", and "connector" (names of its parameters)."""
-    names = {id(module): name for name, module in model.named_modules()}
-    vision, language, head = model.get_encoder("image"), model.get_decoder(), model.get_output_embeddings()
-    missing = [part for part, module in [("vision encoder", vision), ("language model", language)] if module is model]
-    if missing or head is None:
-        raise InputError(f"{type(model).__name__} has no {' or '.join(missing) or 'output head'} that transformers "
-                         "can point to: is it an image-text-to-text model?")
-    parts = {"vision": names[id(vision)], "language": names[id(language)], "head": names[id(head)]}
-    connector = [n for n, _ in model.named_parameters() if not any(inside(n, parts[p]) for p in parts)]
-    if not connector:
-        last = [child for child, module in vision.named_children() if any(True for _ in module.parameters())][-1]
-        connector = [n for n, _ in model.named_parameters() if inside(n, f"{parts['vision']}.{last}")]
-    return parts | {"connector": connector}
-
-
-def inside(name, module):
-    return name == module or name.startswith(module + ".")
-
-
 def freeze_vision_encoder(model):
-    """As in LLaVA's stage 2, the vision encoder is never tuned after pre-training (nor Qwen-VL's, but its merger)."""
+    """The vision encoder is never tuned after pre-training (nor Qwen-VL's, but its merger, which is the connector).
+    An LMM's parts, vision encoder, connector, language model, are found by what they are (part 2's model_parts)."""
     parts = model_parts(model)
     for name, p in model.named_parameters():
         if inside(name, parts["vision"]) and name not in parts["connector"]:
             p.requires_grad_(False)
 
 
-def lora_config(args, model):
-    """LoRA on every linear layer of the language model (its attention and MLP projections, whatever their names);
-    the connector's modules train fully (peft keeps a trainable copy of each). Bare connector weights that are no
-    module's own (BLIP's query tokens, LLaVA-NeXT's image newline) stay as pre-trained: peft copies modules only."""
-    parts = model_parts(model)
-    head = model.get_output_embeddings()
-    projections = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                          if inside(name, parts["language"]) and isinstance(module, torch.nn.Linear)
-                          and module is not head})
-    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                      target_modules=rf"{re.escape(parts['language'])}\..*\.({'|'.join(projections)})",
-                      modules_to_save=whole_modules(model, parts["connector"]))
-
-
-def whole_modules(model, parameters):
-    """The largest modules that hold nothing but these parameters: what peft can keep a trainable copy of."""
-    chosen = set(parameters)
-
-    def whole(module):
-        return all(f"{module}.{name}" in chosen for name, _ in model.get_submodule(module).named_parameters())
-    owners = set()
-    for name in parameters:  # its enclosing modules, outermost first; a bare weight's may hold other things too
-        enclosing = [name.rsplit(".", k)[0] for k in range(name.count("."), 0, -1)]
-        owners.update(next(([module] for module in enclosing if whole(module)), []))
-    return sorted(owners)
-
-
+# What trains (--train; the default prepare hook): the connector alone (InstructBLIP's setting: Q-Former and
+# projection, the language model frozen), LoRA on the language model plus the connector (LLaVA's usual
+# fine-tuning), or all but the vision encoder.
 def train_connector(state, model):
     """--train connector: only the connector learns (InstructBLIP's instruction tuning); it is saved whole."""
     connector = set(model_parts(model)["connector"])
     for name, p in model.named_parameters():
         p.requires_grad_(name in connector)
     return model
+
+
+def add_lora(state, model):
+    """--train lora: only the LoRA adapters and the connector train; the shared weights stay as the base had them.
+    LoRA goes on every linear layer of the language model; the connector's modules train whole (part 2's
+    lora_config)."""
+    model.requires_grad_(False)
+    return get_peft_model(model, lora_config(state["args"], model))
+
+
+def keep_model(state, model):
+    return model
+
+
+TRAINING = {"connector": train_connector, "lora": add_lora, "all": keep_model}
 
 
 def trainable(model):
@@ -431,8 +222,8 @@ def weights_in(model, weights):
 
 @torch.no_grad()
 def prototype_features(model, processor, examples, device):
-    """What each example looks like to the model, before any answer: its mean image feature (vision tower and
-    projector) and its instruction's mean token embedding, each of unit length.
+    """What each example looks like to the model, before any answer: its mean image feature (what the vision tower
+    and the connector hand the language model) and its instruction's mean token embedding, each of unit length.
 
     eproj's routing and task similarity (TIR, the pair analysis) are both built on these.
     """
@@ -440,18 +231,9 @@ def prototype_features(model, processor, examples, device):
     pictured = [i for i, e in enumerate(examples) if e["image"]]
     if not pictured:  # a text-only instruction has no image feature
         return torch.zeros_like(text), text
-    # The processor's whole output for the pictured prompts, of which get_image_features takes what it needs
-    # (InstructBLIP's Q-Former reads the instruction too); the families return features per image, per tile or as
-    # one batch, but always one per image token, in order: so each prompt's image tokens say which are its own.
-    chosen = [examples[i] for i in pictured]
-    prompts = [processor.apply_chat_template(chat(e, answer=False), add_generation_prompt=True) for e in chosen]
-    batch = processor(images=open_images(chosen), text=prompts, padding=True, return_tensors="pt").to(device)
-    wanted = inspect.signature(model.get_image_features).parameters
-    output = model.get_image_features(**{key: value for key, value in batch.items() if key in wanted})
-    features = torch.cat([f.reshape(-1, f.shape[-1]) for f in output.pooler_output]).float()
-    per_image = features.split((batch["input_ids"] == image_token_id(model)).sum(1).tolist())
+    features = image_features(model, processor, [examples[i] for i in pictured], device)  # any family's: part 2
     image = text.new_zeros(len(examples), features.shape[-1])
-    image[pictured] = torch.stack([f.mean(0) for f in per_image])
+    image[pictured] = features
     return F.normalize(image, dim=-1), text
 
 
@@ -464,27 +246,6 @@ def mean_embedding(model, processor, texts, device):
     return F.normalize(mean.float(), dim=-1)
 
 
-def image_token_id(model):
-    """The token that stands for image features in a prompt (configs name it image_token_id or image_token_index)."""
-    token = getattr(model.config, "image_token_id", None)
-    return model.config.image_token_index if token is None else token  # 0 is a token too
-
-
-def prototype_sample(examples, seed):
-    """The 64 training examples (or all, if fewer) that stand for a task in its prototype and its eproj keys."""
-    return random.Random(seed).sample(examples, min(64, len(examples)))
-
-
-def task_prototype(model, processor, examples, device, seed):
-    """A task's prototype, as the paper's: its mean image feature, mean instruction and mean answer embedding
-    over a sample of its examples (the paper takes about a thousand and embeds text with a separate BERT; here
-    64 and the model's own input embeddings, so nothing more is downloaded)."""
-    sample = prototype_sample(examples, seed)
-    image, instruction = prototype_features(model, processor, sample, device)
-    answer = mean_embedding(model, processor, [e["answer"] for e in sample], device)
-    return {"image": image.mean(0), "instruction": instruction.mean(0), "answer": answer.mean(0)}
-
-
 # ---------------------------------------------------------------- the loop: hooks, training, the sequential run
 # A continual-learning method is a few hooks around one loop (avalanche's and mammoth's design). Every hook
 # has a default that changes nothing, so the loop calls each one and never asks which method it runs:
@@ -493,6 +254,7 @@ def task_prototype(model, processor, examples, device, seed):
 #   before_task(state, model, examples)                before a stage is trained
 #   mix_batch(state, examples, rng) -> examples        what a training batch holds
 #   extra_loss(state, model, batch, outputs) -> loss   a term added to the loss at every step
+#   after_step(state, model, step)                     after each optimizer step (the pair analysis scores there)
 #   after_task(state, model, examples)                 after a stage is trained
 #   answer(state, model, examples, task) -> answers    how a task's test questions are answered
 # `state` is the run's memory: the loop fills in "args", "processor", "device", "task" (the current stage's
@@ -501,68 +263,51 @@ def one_stage_per_task(tasks, args):
     return [(name, task["train"], args.steps) for name, task in tasks.items()]
 
 
-def keep_model(state, model):
-    return model
-
-
-def add_lora(state, model):
-    """--train lora: only the LoRA adapters and the connector train; the shared weights stay as the base had them."""
-    model.requires_grad_(False)
-    return get_peft_model(model, lora_config(state["args"], model))
-
-
-def do_nothing(state, model, examples):
-    pass
-
-
-def same_batch(state, examples, rng):
-    return examples
-
-
-def no_extra_loss(state, model, batch, outputs):
-    return 0.0
-
-
 def greedy_answers(state, model, examples, task):
     return generate(model, state["processor"], examples, state["args"], state["device"])
 
 
-NO_HOOKS = dict(stages=one_stage_per_task, prepare=keep_model, before_task=do_nothing, mix_batch=same_batch,
-                extra_loss=no_extra_loss, after_task=do_nothing, answer=greedy_answers)
+NO_HOOKS = dict(stages=one_stage_per_task, prepare=keep_model, before_task=lambda state, model, examples: None,
+                mix_batch=lambda state, examples, rng: examples, extra_loss=lambda state, model, batch, outputs: 0.0,
+                after_step=lambda state, model, step: None, after_task=lambda state, model, examples: None,
+                answer=greedy_answers)
 
 
 def method_hooks(args):
-    """args.method's hooks over the defaults; a variant's hooks only when its flag is given."""
-    hooks = dict(NO_HOOKS, prepare=TRAINING[args.train])
-    return hooks | METHODS[args.method] | variant_hooks(args)
+    """args.method's hooks over the defaults; with --tir, EWC's importances are the paper's TIR; a variant of part 2
+    only when its flag is given."""
+    hooks = dict(NO_HOOKS, prepare=TRAINING[args.train]) | METHODS[args.method]
+    if args.tir and args.method == "ewc":
+        hooks |= TIR
+    return hooks | variant_hooks(args)
 
 
-def train(model, processor, examples, *, steps, batch_size, lr, rng, device, desc, hooks=NO_HOOKS, state=None,
-          grad_accum=1, on_step=None):
-    """AdamW on the answer-token loss; a method may change what a batch holds and add a term to the loss.
-    on_step(k), if given, is called after the k-th step (the pair analysis scores a task along the way)."""
+def train(model, examples, steps, state, rng, hooks=NO_HOOKS, desc=""):
+    """AdamW on the answer-token loss for `steps` batches of --batch-size examples drawn from `examples`; a method
+    may change what a batch holds, add a term to the loss and look at the model after each step."""
+    args, processor, device = state["args"], state["processor"], state["device"]
     model.train()
     forward = data_parallel(model)  # under torchrun: DDP over what trains now; gradients averaged over processes
     # fused: one kernel over all the weights instead of a Python loop over them (a few ms of each tiny step)
-    optimizer = torch.optim.AdamW(trainable(model).values(), lr=lr, fused=torch.device(device).type in ["cpu", "cuda"])
+    optimizer = torch.optim.AdamW(trainable(model).values(), lr=args.lr,
+                                  fused=torch.device(device).type in ["cpu", "cuda"])
     # LLaVA's schedule: a short warm-up, then cosine decay to zero by the end of the task.
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1,
                     disable=None if RANK == 0 else True)
     for step in progress:
-        for _ in range(grad_accum):  # micro-batches whose gradients add up to one batch
+        for _ in range(args.grad_accum):  # micro-batches whose gradients add up to one batch
             # Every process draws the same batch of batch_size x processes and trains on its own share of it.
-            drawn = rng.sample(examples, min(batch_size * WORLD_SIZE, len(examples)))
+            drawn = rng.sample(examples, min(args.batch_size * WORLD_SIZE, len(examples)))
             batch = training_batch(processor, hooks["mix_batch"](state, drawn, rng)[RANK::WORLD_SIZE], device)
             outputs = forward(**batch)
             loss = outputs.loss * token_share(batch) + hooks["extra_loss"](state, model, batch, outputs)
-            (loss / grad_accum).backward()
+            (loss / args.grad_accum).backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
-        if on_step:
-            on_step(step + 1)
+        hooks["after_step"](state, model, step + 1)
     model.eval()
 
 
@@ -579,16 +324,13 @@ def run_sequence(model, tasks, hooks, state, rng, matrix):
 
     A resumed run brings the rows it has and goes on with the next stage. Returns the rows' names and R.
     """
-    args = state["args"]
-    stages = hooks["stages"](tasks, args)
+    stages = hooks["stages"](tasks, state["args"])
     if not matrix:  # the base before any task: what each task scores untrained, for forward transfer
         state["report"]["zero_shot"] = evaluate_all(state, model, tasks, "before any task (the base)")
     for i, (name, examples, steps) in enumerate(stages[len(matrix):], start=len(matrix)):
         state["task"] = i
         hooks["before_task"](state, model, examples)
-        train(model, state["processor"], examples, steps=steps, batch_size=args.batch_size, lr=args.lr, rng=rng,
-              device=state["device"], desc=f"task {i + 1}/{len(stages)}: {name}", hooks=hooks, state=state,
-              grad_accum=args.grad_accum)
+        train(model, examples, steps, state, rng, hooks, desc=f"task {i + 1}/{len(stages)}: {name}")
         hooks["after_task"](state, model, examples)
         matrix.append(evaluate_all(state, model, tasks, f"after {name}", hooks["answer"]))
         save_checkpoint(state, model, rng, list(tasks), matrix)
@@ -604,8 +346,8 @@ def generate(model, processor, examples, args, device):
     processor.tokenizer.padding_side = "left"
     for first in range(0, len(examples), args.eval_batch_size)[RANK::WORLD_SIZE]:
         chunk = examples[first:first + args.eval_batch_size]
-        prompts = [processor.apply_chat_template(chat(e, answer=False), add_generation_prompt=True) for e in chunk]
-        batch = processor(images=open_images(chunk), text=prompts, padding=True, return_tensors="pt").to(device)
+        batch = processor(images=open_images(chunk), text=[prompt(processor, e) for e in chunk], padding=True,
+                          return_tensors="pt").to(device)
         output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
         answers[first] = processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return [a.strip() for a in in_order(answers)]
@@ -628,49 +370,10 @@ def evaluate_all(state, model, tasks, title, answer=greedy_answers):
 
 
 def score(task, predictions):
-    """A task's metric over its test examples."""
+    """A task's metric over its test examples: exact match and BLEU-4 score the tiny tasks; the real benchmarks'
+    own scorers (VQA accuracy, option letters, box IoU, CIDEr...) are in part 2's METRICS, with metric_for, which
+    picks one from the shape of a task's answers."""
     return METRICS[task["metric"]](predictions, [e["references"] for e in task["test"]])
-
-
-def normalize(text):
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def exact_match(predictions, references):
-    """The share of predictions equal to one of their references, on normalized text (case and punctuation)."""
-    return sum(normalize(p) in map(normalize, refs) for p, refs in zip(predictions, references)) / len(references)
-
-
-def bleu4(predictions, references):
-    """Corpus BLEU-4 (Papineni et al., 2002) on normalized words: n-gram counts clipped by the most any one
-    reference has, and the brevity penalty against each prediction's closest reference length."""
-    matched, total = [0] * 4, [0] * 4
-    prediction_length = reference_length = 0
-    for prediction, refs in zip(predictions, references):
-        p, rs = normalize(prediction).split(), [normalize(r).split() for r in refs]
-        prediction_length += len(p)
-        reference_length += min((abs(len(r) - len(p)), len(r)) for r in rs)[1]
-        for n in range(1, 5):
-            p_grams = ngrams(p, n)
-            most = Counter()
-            for r in rs:
-                most |= ngrams(r, n)
-            matched[n - 1] += sum((p_grams & most).values())
-            total[n - 1] += max(len(p) - n + 1, 0)
-    if min(matched) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matched, total)) / 4
-    brevity = min(0.0, 1 - reference_length / prediction_length)
-    return math.exp(log_precision + brevity)
-
-
-def ngrams(words, n):
-    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-
-
-# Each task is scored by a named metric (results.json's "metrics"): exact match and BLEU-4 score the tiny tasks;
-# the real benchmarks' own scorers (VQA accuracy, option letters, box IoU, CIDEr...) are in part 2, in METRICS,
-# with metric_for, which picks one from the shape of a task's answers.
 
 
 def summarize(matrix):
@@ -692,7 +395,7 @@ def forward_transfer(matrix, zero_shot):
     return sum(matrix[j - 1][j] - zero_shot[j] for j in range(1, len(matrix))) / (len(matrix) - 1)
 
 
-# ---------------------------------------------------------------- the methods: regularization (EWC, MAS, TIR, LwF)
+# ---------------------------------------------------------------- the methods: regularization (EWC and MAS, TIR, LwF)
 def ewc_after_task(state, model, examples):
     """Elastic Weight Consolidation (Kirkpatrick et al., 2017), online (Schwarz et al., 2018); with --importance mas,
     Memory Aware Synapses (Aljundi et al., 2018): the same quadratic penalty, another measure of importance.
@@ -715,8 +418,7 @@ def mas_importance(state, model, examples):
     """MAS: the mean over examples of the absolute gradient of the squared norm of the output (the logits at the
     answer's positions, averaged over them): how much the output moves with the weight, labels not needed."""
     def squared_norm(batch, outputs):
-        answer = batch["labels"][:, 1:] != -100  # logits at position t predict token t+1
-        return outputs.logits[:, :-1][answer].float().square().sum(-1).mean()
+        return outputs.logits[:, :-1][answer_positions(batch)].float().square().sum(-1).mean()
     return per_example_importance(state, model, examples, squared_norm, torch.abs)
 
 
@@ -761,8 +463,7 @@ def tir_before_task(state, model, examples):
     """Task-similarity-informed regularization (TIR), the paper's own (--tir, with --importance fisher or mas):
     before a new task, each weight's importance is relaxed by 1 - the new task's similarity to the task that weight
     mattered most to: what a similar old task learned carries over, so holding it fixed costs plasticity and
-    protects little. On an LMM, as the paper: prototypes of images, instructions and answers from the base.
-    """
+    protects little. On an LMM, as the paper: prototypes of images, instructions and answers from the base."""
     if "base" not in state:  # before the first task trains, the trainable weights are the base's
         state["base"] = snapshot(model)
     with weights_in(model, state["base"]):
@@ -785,8 +486,8 @@ def informed_similarity(cosines, seen):
     sigmoid; the modalities' values multiplied. Each lies in (0, 1)."""
     similarity = 1.0
     for part, cosine in cosines.items():
-        spread = seen[part].std(correction=0)
-        z = (cosine - seen[part].mean()) / spread if spread > 0 else torch.zeros_like(cosine)
+        deviation = seen[part].std(correction=0)
+        z = (cosine - seen[part].mean()) / deviation if deviation > 0 else torch.zeros_like(cosine)
         similarity = similarity * torch.sigmoid(z)
     return similarity
 
@@ -812,12 +513,28 @@ def relax(merged, owner, similarity):
     return {name: m * (1 - similarity.to(m.device)[owner[name].long()]) for name, m in merged.items()}
 
 
-def lwf_before_task(state, model, examples):
-    """Learning without Forgetting (Li & Hoiem, 2016): the model before the task teaches the model in it.
+def task_prototype(model, processor, examples, device, seed):
+    """A task's prototype, as the paper's: its mean image feature, mean instruction and mean answer embedding
+    over a sample of its examples (the paper takes about a thousand and embeds text with a separate BERT; here
+    64 and the model's own input embeddings, so nothing more is downloaded)."""
+    sample = prototype_sample(examples, seed)
+    image, instruction = prototype_features(model, processor, sample, device)
+    answer = mean_embedding(model, processor, [e["answer"] for e in sample], device)
+    return {"image": image.mean(0), "instruction": instruction.mean(0), "answer": answer.mean(0)}
 
-    On an LMM: the old model is this network run with the trainable weights it had before the task
-    (torch.func.functional_call), so the frozen copy costs only the trainable parameters, not a second LMM.
-    """
+
+def prototype_sample(examples, seed):
+    """The 64 training examples (or all, if fewer) that stand for a task in its prototype and its eproj keys."""
+    return random.Random(seed).sample(examples, min(64, len(examples)))
+
+
+TIR = {"before_task": tir_before_task, "after_task": tir_after_task}  # --tir: in place of EWC's own importances
+
+
+def lwf_before_task(state, model, examples):
+    """Learning without Forgetting (Li & Hoiem, 2016): the model before the task teaches the model in it. On an LMM:
+    the old model is this network run with the trainable weights it had before the task (torch.func.functional_call),
+    so the frozen copy costs only the trainable parameters, not a second LMM."""
     if state["task"] > 0:
         state["old"] = snapshot(model)
 
@@ -829,8 +546,7 @@ def lwf_distillation(state, model, batch, outputs):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         old_logits = torch.func.functional_call(model, state["old"], args=(), kwargs=inputs).logits
-    answer = batch["labels"][:, 1:] != -100  # logits at position t predict token t+1
-    T = state["args"].lwf_temperature
+    answer, T = answer_positions(batch), state["args"].lwf_temperature
     new = torch.log_softmax(outputs.logits[:, :-1][answer] / T, dim=-1)
     old = torch.log_softmax(old_logits[:, :-1][answer] / T, dim=-1)
     kl = F.kl_div(new, old, log_target=True, reduction="batchmean")
@@ -840,10 +556,8 @@ def lwf_distillation(state, model, batch, outputs):
 # ---------------------------------------------------------------- the methods: replay
 def replay_after_task(state, model, examples):
     """Experience replay (e.g. Chaudhry et al., 2019): keep a few training examples of each finished task
-    (--replay-size of them, or --replay-fraction of its training set, as the paper's 1%).
-
-    On an LMM the buffer holds instruction data (image path, instruction, answer), as the paper's replay
-    does, not model outputs; each later batch swaps a share of its examples for buffered ones.
+    (--replay-size of them, or --replay-fraction of its training set, as the paper's 1%). On an LMM the buffer holds
+    instruction data (image, instruction, answer), as the paper's does; later batches swap a share for buffered ones.
     """
     args = state["args"]
     size = max(1, round(args.replay_fraction * len(examples))) if args.replay_fraction else args.replay_size
@@ -860,15 +574,11 @@ def replay_mix(state, examples, rng):
 
 # ---------------------------------------------------------------- the methods: expansion (eproj)
 def eproj_prepare(state, model):
-    """Expanded projection (EProj), the paper's expansion: each task gets its own copy of the projector, so a later
-    task cannot change an earlier one's; everything else is frozen. On an LMM: the copies are of the connector
-    (LLaVA's projector; with BLIP's, the paper copies the projection only, here the Q-Former comes along).
-    """
-    return start_experts(state, train_connector(state, model))
-
-
-def start_experts(state, model):
-    state["initial"] = snapshot(model)  # the base's projector (and LoRA's B = 0): where every expert starts
+    """Expanded projection (EProj), the paper's expansion: each task gets its own copy of what trains, so a later task
+    cannot change an earlier one's. On an LMM: by default (--train connector) a copy of the connector (LLaVA's
+    projector; BLIP's Q-Former and projection), all else frozen; --train lora: LoRA adapters and a connector copy."""
+    model = TRAINING[state["args"].train](state, model)
+    state["initial"] = snapshot(model)  # the base's connector (and LoRA's B = 0): where every expert starts
     state["report"]["trainable_per_task"] = sum(p.numel() for p in state["initial"].values())
     state["saved_with_model"] = ["experts", "keys"]  # <out>/model holds the last expert; these are all of them
     return model
@@ -903,23 +613,18 @@ def eproj_keys(state, model, examples):
 
 
 def routing_features(state, model, examples):
-    """What the router sees: prototype_features of the base model, an image and an instruction feature per example.
-
-    The base's weights are put back for it, so the features come from what never changes and never drift.
-    """
+    """What the router sees: prototype_features of the base model, an image and an instruction feature per example
+    (the base's weights are put back for it, so the features come from what never changes and never drift)."""
     with weights_in(model, state["initial"]):
         return prototype_features(model, state["processor"], examples, state["device"])
 
 
-def route(state, features):
-    """Each example's task: the one whose image and instruction keys have the highest summed cosine to it."""
-    keys = torch.stack(state["keys"])  # tasks x (image, instruction) x features
-    return sum(f @ keys[:, part].T for part, f in enumerate(features)).argmax(-1).tolist()
-
-
 def eproj_answer(state, model, examples, task):
-    """The task is not given at test time: each question goes to the expert of the seen task it is routed to."""
-    routes = route(state, routing_features(state, model, examples))
+    """The task is not given at test time: each question goes to the expert of the seen task whose image and
+    instruction keys have the highest summed cosine to its features."""
+    keys = torch.stack(state["keys"])  # tasks x (image, instruction) x features
+    features = routing_features(state, model, examples)
+    routes = sum(f @ keys[:, part].T for part, f in enumerate(features)).argmax(-1).tolist()
     if task <= state["task"]:  # how often a seen task's questions reach its own parameters
         routing = state.setdefault("routing", {})
         routing[task] = sum(r == task for r in routes) / len(routes)
@@ -946,7 +651,6 @@ def joint_stages(tasks, args):
     return [("joint", mixed, args.steps * len(tasks))]
 
 
-TRAINING = {"connector": train_connector, "lora": add_lora, "all": keep_model}  # --train: the default prepare hook
 METHODS = {
     "finetune": {},
     "ewc": {"after_task": ewc_after_task, "extra_loss": ewc_penalty},
@@ -960,24 +664,29 @@ ALL_METHODS = list(METHODS)
 
 
 # ---------------------------------------------------------------- the entry point
+def main(argv=None):
+    """python cit.py --method ewc: the flags, the tasks, one continual run of the method."""
+    args = parse_args(argv)
+    with command_line(args):  # part 2: one-line errors, torchrun's processes, --profile, --rebuild-base
+        tasks = check_inputs(args)
+        if args.seeds or args.analyze or args.method == "all":
+            return several_runs(args, tasks)  # part 2: --seeds, --method all, --analyze pairs
+        return run_method(args, tasks)
+
+
 def run_method(args, tasks):
-    """One continual run of args.method: the accuracy matrix, its metrics, written to <out>/results.json."""
-    started = time.time()
-    if args.resume and (args.out / "results.json").is_file():
-        print(f"--resume: {args.method} had finished: {args.out / 'results.json'}")
-        return json.loads((args.out / "results.json").read_text())
-    device, hooks = pick_device(args.device), method_hooks(args)
+    """One continual run of args.method: the base model, the method's hooks, the tasks in turn; the accuracy matrix
+    R and what it says, written to <out>/results.json with the model."""
+    if finished := finished_run(args):  # --resume of a run that has ended: its results
+        return finished
+    started, device, hooks = time.time(), pick_device(args.device), method_hooks(args)
     model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
     check_pictures(model, tasks)
     rows, matrix = run_sequence(model, tasks, hooks, state, rng, matrix)
     zero_shot = state["report"]["zero_shot"]
     results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
-               "fwt": forward_transfer(matrix, zero_shot),
-               "metrics": {name: task["metric"] for name, task in tasks.items()},
-               "records_cut": len(CUT.get(state["processor"], ())), **state["report"],
-               "wall_time_s": round(time.time() - started, 1), "config": vars(args)}
-    if RANK == 0:  # under torchrun the first process writes
-        save_run(args, state, model, results)
+               "fwt": forward_transfer(matrix, zero_shot), **state["report"], **bookkeeping(args, state, tasks, started)}
+    save_run(args, state, model, results)
     table = format_table([zero_shot, *matrix], ["(base)", *rows], list(tasks), "after \\ on")
     print(f"\naccuracy matrix R (row: after training task i, the base first; column: score on task j)\n{table}")
     fwt = "" if results["fwt"] is None else f"  fwt {results['fwt']:+.3f}"
@@ -986,47 +695,30 @@ def run_method(args, tasks):
     return results
 
 
-def save_run(args, state, model, results):
-    """The final model in the Hugging Face layout (with LoRA only the adapter, which names its base model), what a
-    method needs beside it to answer (eproj: every expert and key), results.json; the checkpoints go."""
-    model.save_pretrained(args.out / "model")
-    state["processor"].save_pretrained(args.out / "model")
-    if state.get("saved_with_model"):
-        torch.save({key: state[key] for key in state["saved_with_model"]}, args.out / "model" / "method_state.pt")
-    write_json(args.out / "results.json", results)
-    remove_checkpoints(args.out)  # <out>/model now holds the same weights
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
-    with errors_in_one_line(args), processes(args), profiled(args):
-        if args.rebuild_base:
-            with main_process_first():
-                if RANK == 0:
-                    rebuild_bases(args)
-        tasks = check_inputs(args)
-        if args.seeds:  # a finding is a mean over seeds: the same experiment once per seed, then mean and spread
-            return over_seeds(args, tasks)
-        return experiment(args, tasks)
-
-
-def experiment(args, tasks):
-    """One run of args.method, every method side by side (--method all), or the pair analysis."""
-    if args.analyze:
-        return analyze_pairs(args, tasks)
-    if args.method != "all":
-        return run_method(args, tasks)
-    all_results = []
-    for method in ALL_METHODS:
-        print(f"\n======== {method} ========")
-        all_results.append(run_method(with_args(args, method=method, out=args.out / method), tasks))
-    compare([all_results], args.out)
-    return all_results
-
-
 # ================================================================ PART 2: SUPPORT
 # Below the fence: what a real tool needs and the paper does not, in the order a run meets it.
+
+# What part 2 needs beyond part 1's imports.
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import shutil
+import statistics
+import sys
+import weakref
+from collections import Counter
+
+from peft import LoraConfig, PeftConfig, PeftModel
+from PIL import ImageDraw, ImageFont
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (AutoModelForImageTextToText, AutoProcessor, BatchFeature, CLIPImageProcessorPil,
+                          CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                          PreTrainedTokenizerFast)
+from transformers.utils.logging import disable_progress_bar
 
 # ---------------------------------------------------------------- flags
 class InputError(Exception):
@@ -1137,13 +829,13 @@ def parse_args(argv=None):
     model.add_argument("--rebuild-base", action="store_true",
                        help="build both tiny bases again from the recipe in cit.py into tiny_tasks/base/models "
                             "(after changing the recipe), then run as usual")
-    model.add_argument("--train", choices=TRAINABLE, help="what trains: the connector only (InstructBLIP's "
+    model.add_argument("--train", choices=list(TRAINING), help="what trains: the connector only (InstructBLIP's "
                        "setting), LoRA on the language model plus the connector, or all but the vision encoder "
-                       "(default: lora for real models, all for tiny)")
+                       "(default: lora for real models, all for tiny; eproj: connector)")
     model.add_argument("--lora", dest="train", action="store_const", const="lora", help="short for --train lora")
     model.add_argument("--no-lora", dest="train", action="store_const", const="all", help="short for --train all")
     model.add_argument("--lora-rank", type=number(int, above=0), default=8,
-                       help="rank of LoRA adapters (--train lora and eproj)")
+                       help="rank of LoRA adapters (--train lora)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' type; auto: bfloat16 on a GPU that has it, else float32")
     model.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
@@ -1175,8 +867,6 @@ def parse_args(argv=None):
                          "at least one example")
     cl.add_argument("--replay-ratio", type=number(float, at_least=0, at_most=1), default=0.25,
                     help="replay: share of each batch from the buffer")
-    cl.add_argument("--eproj-lora", action="store_true",
-                    help="eproj: each task's expert is a LoRA adapter with a connector copy, not a projector copy")
     cl.add_argument("--oracle-task", action="store_true", help="eproj: give the true task instead of routing")
     cl.add_argument("--similarity-init", action="store_true",
                     help="eproj: start a new task's expert from the most similar earlier task's")
@@ -1187,11 +877,19 @@ def parse_args(argv=None):
     if args.analyze and args.resume:
         parser.error("argument --resume: an analysis has no checkpoints; it starts over with --overwrite")
     args.out = Path(args.out or f"runs/{args.analyze or args.method}")
-    if args.train is None:
-        args.train = "all" if args.model == "tiny" else "lora"
+    if args.method != "all":  # with all, each method gets its own default (several_runs)
+        args.train = args.train or default_training(args.model, "finetune" if args.analyze else args.method)
     if args.max_new_tokens is None:
         args.max_new_tokens = 16 if args.model == "tiny" else 64
     return args
+
+
+def default_training(model, method):
+    """What trains when --train is not given: the paper's connector copies for eproj; else LoRA for a real model
+    and all but the vision encoder for the tiny one, which is small enough to tune whole."""
+    if method == "eproj":
+        return "connector"
+    return "all" if model == "tiny" else "lora"
 
 
 def with_args(args, **changes):
@@ -1222,7 +920,40 @@ def pick_dtype(args, device):
     return torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
+@contextmanager
+def command_line(args):
+    """What the command needs around its runs: one-line input errors, torchrun's processes, --profile, and
+    --rebuild-base before anything else."""
+    disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
+    with errors_in_one_line(args), processes(args), profiled(args):
+        if args.rebuild_base:
+            with main_process_first():
+                if RANK == 0:
+                    rebuild_bases(args)
+        yield
+
+
+@contextmanager
+def errors_in_one_line(args):
+    """An InputError ends the program in one line (a traceback with --debug); Ctrl-C keeps what is finished."""
+    try:
+        yield
+    except InputError as error:
+        if args.debug:
+            raise
+        sys.exit(f"cit.py: {error}" if RANK == 0 else 1)  # under torchrun every process stops; the first says why
+    except KeyboardInterrupt:
+        print(f"\ncit.py: interrupted; what was finished is kept in {args.out} (a run goes on with --resume)",
+              file=sys.stderr)
+        sys.exit(130)
+
+
 # ---------------------------------------------------------------- input checks: one line naming the file or flag
+# mcq's options and letter answers would make it scored as ScienceQA is (METRICS' "option"), where a caption's
+# first word "a" reads as option A; the tiny task asks for the letter, so exact match scores it.
+TINY_METRICS = {"mcq": "exact"}
+
+
 def check_inputs(args):
     """Everything a user can get wrong, checked before any training: the data, the flags that depend on
     it, and earlier results in --out that a run would replace. Returns the tasks, loaded."""
@@ -1244,7 +975,7 @@ def check_inputs(args):
     if args.method in ["replay", "all"] and too_many:
         raise InputError(f"--replay-size {args.replay_size} is more than the {len(tasks[smallest]['train'])} "
                          f"training examples of task {smallest!r}")
-    for flag, (method, _) in VARIANTS.items():
+    for flag, method in {"tir": "ewc", **{flag: method for flag, (method, _) in VARIANTS.items()}}.items():
         if getattr(args, flag) and not args.analyze and args.method not in [method, "all"]:
             raise InputError(f"--{flag.replace('_', '-')} is a variant of {method}: use it with --method {method} "
                              "or all")
@@ -1409,6 +1140,91 @@ def image_path(record, where, image_dir, allowed):
     return image
 
 
+# ---------------------------------------------------------------- model families and the tiny base
+# load_model's plumbing: the tiny LLaVA and its bases, any transformers family from the hub or a folder, its parts
+# found by what they are, its prompts, its image features. A new family is supported here, and here only.
+# The tiny LMM: a CLIP vision tower (32x32 images, 8x8 patches: 16 image tokens), a two-layer MLP
+# projector and a Llama language model, with a byte-level tokenizer made here.
+TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=32, patch_size=8)
+TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256)
+TINY_VOCAB_SIZE = 1024
+# How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because
+# nothing is pre-trained here), then for "instruct" a joint multi-task instruction-tuning stage whose mix keeps
+# the captions, as LLaVA-1.5's and InstructBLIP's mixes do, so that it adds to what alignment taught. The base
+# has its own seed: every run, whatever its --seed, starts from the same base, as runs of a real LMM do.
+TINY_BASE = dict(align_steps=1200, instruct_steps=400, batch_size=32, lr=1e-3, seed=0)
+BASE_MIXES = {"align": ["align"], "instruct": ["align", "instruct"]}  # folders of tiny_tasks/base per stage
+# The two bases ship with the project (4 MB each), so every machine starts from the same weights; a base is built
+# again only when the recipe above changes (into --cache) or on request (--rebuild-base, into this folder).
+SHIPPED_BASES = HERE / "tiny_tasks" / "base" / "models"
+# LLaVA-1.5's conversation format, written as a chat template so that the tiny model and real models
+# build prompts through the same call: processor.apply_chat_template.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %} {% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+# A family whose processor has no chat template gets prompts as its model card writes them: BLIP-2 "Question: ...
+# Answer:", InstructBLIP the bare instruction (their processors put the query tokens in front), PaliGemma the
+# prompt after its image (its processor adds <bos> after the image and "\n" after the prompt, and joins the answer
+# itself). Any other family without one gets LLaVA-1.5's. (transformers renders templates with trim_blocks, which
+# drops a newline written right after a tag: hence {{ '\n' }}.)
+TURN_TEXT = "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+CARD_TEMPLATES = {
+    "blip-2": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}Question: "
+              + TURN_TEXT + " Answer:{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
+    "instructblip": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}"
+                    + TURN_TEXT + "{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
+    "paligemma": "{% for m in messages %}{% if m['role'] == 'user' %}{% if loop.first %}{% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}" + TURN_TEXT
+                 + "{% else %}{{ '\\n' }}" + TURN_TEXT + "{{ '\\n' }}{% endif %}{% endfor %}",
+}
+
+
+def base_model(args, device):
+    """The model load_model starts from, at --dtype: the tiny base, or any image-text-to-text model of transformers;
+    prompts its model card's way where its processor has no chat template; --max-length as the tokenizer's limit."""
+    dtype = pick_dtype(args, device)
+    if args.model == "tiny":
+        model, processor = tiny_base(args.base, args, device)
+        model.to(dtype)
+    else:
+        model, processor = load_pretrained(args.model, args, dtype)
+    if processor.chat_template is None:
+        processor.chat_template = CARD_TEMPLATES.get(model.config.model_type, TINY_CHAT_TEMPLATE)
+    mend_blip_image_token(processor)
+    # Training records longer than this are cut (--max-length; by default the language model's own limit).
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    processor.tokenizer.model_max_length = args.max_length or min(processor.tokenizer.model_max_length,
+                                                                  limit or math.inf)
+    return model, processor
+
+
+def load_pretrained(name, args, dtype):
+    """Any image-text-to-text model of transformers, from the hub or a folder, through the generic classes.
+
+    A folder that a run saved with LoRA holds an adapter: it is loaded onto the base it names and merged.
+    """
+    with model_loading_errors(name):
+        if (Path(name) / "adapter_config.json").is_file():
+            model, _ = load_pretrained(PeftConfig.from_pretrained(name).base_model_name_or_path, args, dtype)
+            return PeftModel.from_pretrained(model, name).merge_and_unload(), AutoProcessor.from_pretrained(name)
+        remote = args.trust_remote_code
+        return (AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, trust_remote_code=remote),
+                AutoProcessor.from_pretrained(name, trust_remote_code=remote))
+
+
+def open_image(path):
+    """An RGB picture; Pillow's decompression-bomb limit stays on, so an absurdly large image is refused."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{path}: not a readable image ({error})") from None
+
+
 @contextmanager
 def model_loading_errors(name):
     """A model that cannot be found or is not an image-text-to-text model ends in one line saying which."""
@@ -1433,12 +1249,104 @@ def model_loading_errors(name):
                          f"{advice}") from None
 
 
+# What to install for a family's extra packages.
+INSTALL_ADVICE = {"torchvision": "pip install torchvision, the release built for your torch (the README's family "
+                                 "table names a tested pair: torch==2.14.1 torchvision==0.29.1)",
+                  "num2words": "pip install num2words"}
+
+
 def mend_blip_image_token(processor):
     """transformers 5.23's BLIP-2 and InstructBLIP processors read their image token's .content, as if it were always
     the AddedToken they make when the tokenizer names none; a tokenizer that names one (image_token in its config)
     would end every call in an AttributeError. They get the AddedToken they expect."""
     if hasattr(processor, "num_query_tokens") and isinstance(getattr(processor, "image_token", None), str):
         processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
+
+
+def model_parts(model):
+    """An LMM's parts, found by what they are, whatever a family calls them: the vision encoder and the language
+    model are what transformers' get_encoder("image") and get_decoder() give; the connector is every weight outside
+    both and the output head (a projector, a Q-Former with its query tokens, an image-newline vector), or, where a
+    family keeps it inside the vision encoder (Qwen-VL's merger), that encoder's last part with weights.
+    Returns module names: "vision", "language", "head", and "connector" (names of its parameters)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    vision, language, head = model.get_encoder("image"), model.get_decoder(), model.get_output_embeddings()
+    missing = [part for part, module in [("vision encoder", vision), ("language model", language)] if module is model]
+    if missing or head is None:
+        raise InputError(f"{type(model).__name__} has no {' or '.join(missing) or 'output head'} that transformers "
+                         "can point to: is it an image-text-to-text model?")
+    parts = {"vision": names[id(vision)], "language": names[id(language)], "head": names[id(head)]}
+    connector = [n for n, _ in model.named_parameters() if not any(inside(n, parts[p]) for p in parts)]
+    if not connector:
+        last = [child for child, module in vision.named_children() if any(True for _ in module.parameters())][-1]
+        connector = [n for n, _ in model.named_parameters() if inside(n, f"{parts['vision']}.{last}")]
+    return parts | {"connector": connector}
+
+
+def inside(name, module):
+    return name == module or name.startswith(module + ".")
+
+
+def lora_config(args, model):
+    """LoRA on every linear layer of the language model (its attention and MLP projections, whatever their names);
+    the connector's modules train fully (peft keeps a trainable copy of each). Bare connector weights that are no
+    module's own (BLIP's query tokens, LLaVA-NeXT's image newline) stay as pre-trained: peft copies modules only."""
+    parts = model_parts(model)
+    head = model.get_output_embeddings()
+    projections = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if inside(name, parts["language"]) and isinstance(module, torch.nn.Linear)
+                          and module is not head})
+    return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                      target_modules=rf"{re.escape(parts['language'])}\..*\.({'|'.join(projections)})",
+                      modules_to_save=whole_modules(model, parts["connector"]))
+
+
+def whole_modules(model, parameters):
+    """The largest modules that hold nothing but these parameters: what peft can keep a trainable copy of."""
+    chosen = set(parameters)
+
+    def whole(module):
+        return all(f"{module}.{name}" in chosen for name, _ in model.get_submodule(module).named_parameters())
+    owners = set()
+    for name in parameters:  # its enclosing modules, outermost first; a bare weight's may hold other things too
+        enclosing = [name.rsplit(".", k)[0] for k in range(name.count("."), 0, -1)]
+        owners.update(next(([module] for module in enclosing if whole(module)), []))
+    return sorted(owners)
+
+
+def image_features(model, processor, examples, device):
+    """Each example's mean image feature, as the connector hands it to the language model, for any family: the
+    processor's whole output for the prompts, of which get_image_features takes what it needs (InstructBLIP's
+    Q-Former reads the instruction too). The families return features per image, per tile or as one batch, but
+    always one per image token, in order: so each prompt's image tokens say which are its own."""
+    batch = processor(images=open_images(examples), text=[prompt(processor, e) for e in examples], padding=True,
+                      return_tensors="pt").to(device)
+    wanted = inspect.signature(model.get_image_features).parameters
+    output = model.get_image_features(**{key: value for key, value in batch.items() if key in wanted})
+    features = torch.cat([f.reshape(-1, f.shape[-1]) for f in output.pooler_output]).float()
+    per_image = features.split((batch["input_ids"] == image_token_id(model)).sum(1).tolist())
+    return torch.stack([f.mean(0) for f in per_image])
+
+
+def image_token_id(model):
+    """The token that stands for image features in a prompt (configs name it image_token_id or image_token_index)."""
+    token = getattr(model.config, "image_token_id", None)
+    return model.config.image_token_index if token is None else token  # 0 is a token too
+
+
+def takes_suffix(processor):
+    """Whether the processor takes the answer apart from the prompt (PaliGemma's `suffix`)."""
+    return "suffix" in inspect.signature(processor.__call__).parameters
+
+
+def encode_with_suffix(processor, example, images):
+    """PaliGemma's training example as its card makes it: prompt and answer go in apart, and the processor masks
+    the prompt in the labels and marks it for prefix attention (token_type_ids)."""
+    if images is None:
+        raise InputError(f"{type(processor).__name__} takes no text-only example, as {example['question'][:60]!r}")
+    encoding = processor(images=images, text=[prompt(processor, example)], suffix=[example["answer"]],
+                         return_tensors="pt")
+    return cut_to_length(dict(encoding), processor, example)
 
 
 def check_pictures(model, tasks):
@@ -1454,25 +1362,83 @@ def check_pictures(model, tasks):
                              f"{len(bare)} without one, as {bare[0]['question'][:60]!r}")
 
 
-# What to install for a family's extra packages.
-INSTALL_ADVICE = {"torchvision": "pip install torchvision, the release built for your torch (the README's family "
-                                 "table names a tested pair: torch==2.14.1 torchvision==0.29.1)",
-                  "num2words": "pip install num2words"}
+def tiny_tokenizer(texts):
+    """A byte-level BPE tokenizer trained on the spot on the tiny world's text, as real LMMs' are on the web's.
+
+    Every byte stays in the vocabulary, so any text a user's data brings is covered: no unknown tokens.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<pad>", "<s>", "</s>", "<image>"], show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
 
 
-@contextmanager
-def errors_in_one_line(args):
-    """An InputError ends the program in one line (a traceback with --debug); Ctrl-C keeps what is finished."""
-    try:
-        yield
-    except InputError as error:
-        if args.debug:
-            raise
-        sys.exit(f"cit.py: {error}" if RANK == 0 else 1)  # under torchrun every process stops; the first says why
-    except KeyboardInterrupt:
-        print(f"\ncit.py: interrupted; what was finished is kept in {args.out} (a run goes on with --resume)",
-              file=sys.stderr)
-        sys.exit(130)
+def tiny_corpus():
+    """The text the tiny tokenizer learns from: every instruction and answer in tiny_tasks, and the prompt format."""
+    texts = ["USER: ASSISTANT:"]
+    for path in sorted((HERE / "tiny_tasks").glob("**/train.json")):
+        texts += [turn["value"] for record in json.loads(path.read_text()) for turn in record["conversations"]]
+    return texts
+
+
+def tiny_model_and_processor(tokenizer):
+    """A real transformers LLaVA built from a small config with random weights: nothing is downloaded."""
+    size = TINY_VISION["image_size"]
+    # Resize to the input size without cropping, so images of any shape keep all their content.
+    image_processor = CLIPImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False)
+    # "default" drops the vision tower's CLS token: 16 patch features for 16 <image> tokens.
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=TINY_VISION["patch_size"], vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=TINY_CHAT_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**TINY_VISION),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_TEXT),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(size // TINY_VISION["patch_size"]) ** 2,
+        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def tiny_base(flavour, args, device):
+    """The tiny base, as real continual tuning starts from LLaVA or InstructBLIP, in the Hugging Face layout:
+    the one shipped in tiny_tasks/base/models, or, if the recipe has changed since, one built from it once.
+    "instruct" goes on from "align": each stage up to the one asked for is found or built in turn."""
+    start = None
+    for stage in ["align", "instruct"][:1 + (flavour == "instruct")]:
+        folder = base_folder(stage, args)
+        with main_process_first():  # under torchrun one process builds it, the others wait and read it
+            if not (folder / "config.json").is_file():
+                print(f"the {stage} base in {SHIPPED_BASES} was made by another recipe: building one, kept in {folder}")
+                save_whole(*build_base(stage, start, args, device), folder, base_recipe(stage))
+        start = folder
+    return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+
+
+def build_base(flavour, start, args, device):
+    """LLaVA's stages in miniature: "align" is stage 1 (captions, every weight trains, since nothing here is
+    pre-trained); "instruct" goes on from the align base in folder `start` with joint multi-task instruction
+    tuning, the vision encoder frozen."""
+    if flavour == "align":
+        torch.manual_seed(TINY_BASE["seed"])
+        model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
+    else:
+        model, processor = LlavaForConditionalGeneration.from_pretrained(start), AutoProcessor.from_pretrained(start)
+        freeze_vision_encoder(model)
+    model.to(device)
+    examples = [e for mix in BASE_MIXES[flavour] for e in load_split(HERE / "tiny_tasks" / "base", mix, "train")]
+    recipe = with_args(args, batch_size=TINY_BASE["batch_size"], lr=TINY_BASE["lr"], grad_accum=1)
+    state = {"args": recipe, "processor": processor, "device": device}
+    train(model, examples, TINY_BASE[f"{flavour}_steps"], state, random.Random(TINY_BASE["seed"]),
+          desc=f"base: {flavour}")
+    return model, processor
 
 
 # ---------------------------------------------------------------- scorers of the real benchmarks
@@ -1595,6 +1561,42 @@ def cider(predictions, references, sigma=6.0):
     return total / len(refs)
 
 
+def normalize(text):
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def exact_match(predictions, references):
+    """The share of predictions equal to one of their references, on normalized text (case and punctuation)."""
+    return sum(normalize(p) in map(normalize, refs) for p, refs in zip(predictions, references)) / len(references)
+
+
+def bleu4(predictions, references):
+    """Corpus BLEU-4 (Papineni et al., 2002) on normalized words: n-gram counts clipped by the most any one
+    reference has, and the brevity penalty against each prediction's closest reference length."""
+    matched, total = [0] * 4, [0] * 4
+    prediction_length = reference_length = 0
+    for prediction, refs in zip(predictions, references):
+        p, rs = normalize(prediction).split(), [normalize(r).split() for r in refs]
+        prediction_length += len(p)
+        reference_length += min((abs(len(r) - len(p)), len(r)) for r in rs)[1]
+        for n in range(1, 5):
+            p_grams = ngrams(p, n)
+            most = Counter()
+            for r in rs:
+                most |= ngrams(r, n)
+            matched[n - 1] += sum((p_grams & most).values())
+            total[n - 1] += max(len(p) - n + 1, 0)
+    if min(matched) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matched, total)) / 4
+    brevity = min(0.0, 1 - reference_length / prediction_length)
+    return math.exp(log_precision + brevity)
+
+
+def ngrams(words, n):
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
 METRICS = {"exact": exact_match, "bleu4": bleu4, "vqa": vqa_accuracy, "option": option_accuracy,
            "contains": contains, "iou": iou_accuracy, "cider": cider}
 
@@ -1603,6 +1605,21 @@ METRICS = {"exact": exact_match, "bleu4": bleu4, "vqa": vqa_accuracy, "option": 
 ENCODINGS = weakref.WeakKeyDictionary()  # processor -> {(image, history, question, answer): encode_example's result}
 ENCODED_BYTES = weakref.WeakKeyDictionary()  # processor -> bytes held for it
 ENCODING_BUDGET = 2 ** 30  # the tiny tasks take 25 MB; a real benchmark's pixels are re-made beyond 1 GiB
+
+
+def collate(encodings, pad_id):
+    """Examples into one batch, concatenated: token rows padded on the right (input_ids with the pad token, labels
+    with -100, so padding is never learned), pixels and the like with zeros where examples differ, as processors do.
+    An example without an image has no pixels: the others' are concatenated in order, as the processor would."""
+    batch = {}
+    for key in dict.fromkeys(key for e in encodings for key in e):
+        tensors = [e[key] for e in encodings if key in e]
+        sizes = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
+        fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
+        # F.pad takes (before, after) pairs from the last dimension backwards; the first is the one concatenated.
+        pads = [[p for size, have in zip(sizes[::-1], t.shape[:0:-1]) for p in (0, size - have)] for t in tensors]
+        batch[key] = torch.cat([F.pad(t, pad, value=fill) for t, pad in zip(tensors, pads)])
+    return BatchFeature(batch)
 
 
 def encoded(processor, example):
@@ -1640,7 +1657,7 @@ def cut_to_length(encoding, processor, example):
             for key, tensor in encoding.items()}
 
 
-# ---------------------------------------------------------------- files: the bases' cache, checkpoints and --resume
+# ---------------------------------------------------------------- files: the bases' cache, results, checkpoints, --resume
 def files_digest(folder):
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -1673,8 +1690,8 @@ def rebuild_bases(args):
 
     A maintainer's step after changing the recipe; a test fails until the shipped bases match it again."""
     device = pick_device(args.device)
-    for flavour in ["align", "instruct"]:
-        save_whole(*build_base(flavour, args, device), SHIPPED_BASES / flavour, base_recipe(flavour))
+    for flavour, start in [("align", None), ("instruct", SHIPPED_BASES / "align")]:
+        save_whole(*build_base(flavour, start, args, device), SHIPPED_BASES / flavour, base_recipe(flavour))
 
 
 def save_whole(model, processor, folder, recipe=None):
@@ -1694,6 +1711,36 @@ def write_json(path, data):
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(data, indent=1, default=str))
     os.replace(temporary, path)
+
+
+def save_run(args, state, model, results):
+    """The final model in the Hugging Face layout (with LoRA only the adapter, which names its base model), what a
+    method needs beside it to answer (eproj: every expert and key), results.json; the checkpoints go. Under
+    torchrun the first process writes."""
+    if RANK > 0:
+        return
+    model.save_pretrained(args.out / "model")
+    state["processor"].save_pretrained(args.out / "model")
+    if state.get("saved_with_model"):
+        torch.save({key: state[key] for key in state["saved_with_model"]}, args.out / "model" / "method_state.pt")
+    write_json(args.out / "results.json", results)
+    remove_checkpoints(args.out)  # <out>/model now holds the same weights
+
+
+def bookkeeping(args, state, tasks, started):
+    """What results.json keeps beside a run's metrics: each task's metric, how many records --max-length cut, the
+    wall time and every flag."""
+    return {"metrics": {name: task["metric"] for name, task in tasks.items()},
+            "records_cut": len(CUT.get(state["processor"], ())), "wall_time_s": round(time.time() - started, 1),
+            "config": vars(args)}
+
+
+def finished_run(args):
+    """--resume of a run that has finished: its results, as results.json keeps them; else None."""
+    if args.resume and (args.out / "results.json").is_file():
+        print(f"--resume: {args.method} had finished: {args.out / 'results.json'}")
+        return json.loads((args.out / "results.json").read_text())
+    return None
 
 
 # What the loop itself puts in a method's state; everything else is the method's memory, kept in checkpoints.
@@ -1735,7 +1782,7 @@ def resume_run(args, device, hooks):
         return start_run(args, device, hooks)
     saved, saved_state = checkpoint / "model", torch.load(checkpoint / "state.pt", map_location=device,
                                                           weights_only=True)
-    if (saved / "adapter_config.json").is_file():  # LoRA (--eproj-lora's too): the adapter goes back onto the base
+    if (saved / "adapter_config.json").is_file():  # LoRA (eproj's experts with --train lora too): the adapter goes back onto the base
         model, processor = load_model(args, device)
         model = PeftModel.from_pretrained(model, saved)
     else:  # full weights: the checkpoint is a model folder of its own
@@ -1757,8 +1804,7 @@ def find_checkpoint(args):
         print(f"--resume: no finished task in {args.out}: starting from the first one")
         return None
     before, now = {**saved["config"], "tasks": saved["tasks"]}, vars(args)
-    different = [key for key in ["method", "tasks", "model", "base", "train", "lora_rank", "seed", "importance", "tir",
-                                 "eproj_lora"]
+    different = [key for key in ["method", "tasks", "model", "base", "train", "lora_rank", "seed", "importance", "tir"]
                  if before.get(key) != now[key]]
     if different:
         raise InputError(f"--resume: {args.out} holds a run with other {', '.join(different)}: "
@@ -1783,7 +1829,9 @@ def profiled(args):
     def timed(name, function):
         def wrapper(*positional, **keywords):
             if name == "train":  # one step's FLOPs, before the steps: gradients are cleared after, nothing else moves
-                count_flops(*positional[:3], keywords, work, originals["training_batch"])
+                call = inspect.signature(function).bind(*positional, **keywords).arguments
+                count_flops(call["model"], call["examples"], call["steps"], call["state"], work,
+                            originals["training_batch"])
             started = time.perf_counter()
             try:
                 return function(*positional, **keywords)
@@ -1802,15 +1850,16 @@ def profiled(args):
         print_profile(time.perf_counter() - started, spent, work, args)
 
 
-def count_flops(model, processor, examples, keywords, work, make_batch):
+def count_flops(model, examples, steps, state, work, make_batch):
     """The FLOPs of one training step (forward and backward) on a batch of this task, times the task's steps."""
-    sample = random.Random(0).sample(examples, min(keywords["batch_size"], len(examples)))
-    batch = make_batch(processor, sample, keywords["device"])
+    args = state["args"]
+    sample = random.Random(0).sample(examples, min(args.batch_size, len(examples)))
+    batch = make_batch(state["processor"], sample, state["device"])
     with FlopCounterMode(display=False) as counter:
         model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
-    work["flops"] += counter.get_total_flops() * keywords["steps"] * keywords.get("grad_accum", 1)
-    work["steps"] += keywords["steps"]
+    work["flops"] += counter.get_total_flops() * steps * args.grad_accum
+    work["steps"] += steps
 
 
 def print_profile(total, spent, work, args):
@@ -1897,9 +1946,9 @@ def draw_heatmap(draw, x0, y0, matrix, row_names, column_names, low=0.0, high=1.
                 continue
             level = min(max((value - low) / (high - low), 0.0), 1.0) if high > low else 0.5
             shade = int(255 * (1 - level))
-            box = [x0 + left + j * cell, y0 + i * cell, x0 + left + (j + 1) * cell - 2, y0 + (i + 1) * cell - 2]
-            draw.rectangle(box, fill=(shade, shade, 255))
-            draw.text((box[0] + 3, box[1] + 9), f"{value:.{digits}f}", fill="white" if level > 0.5 else "black",
+            square = [x0 + left + j * cell, y0 + i * cell, x0 + left + (j + 1) * cell - 2, y0 + (i + 1) * cell - 2]
+            draw.rectangle(square, fill=(shade, shade, 255))
+            draw.text((square[0] + 3, square[1] + 9), f"{value:.{digits}f}", fill="white" if level > 0.5 else "black",
                       font=font)
     for j, name in enumerate(column_names):
         label_y = y0 + len(row_names) * cell + 4 + 12 * (j % 2)  # staggered so long names don't collide
@@ -1926,7 +1975,28 @@ def draw_matrices(all_results, path, note="", cell=30):
     picture.save(path)
 
 
-# ---------------------------------------------------------------- several seeds: means and spreads
+# ---------------------------------------------------------------- several runs: methods side by side, seeds
+def several_runs(args, tasks):
+    """--seeds, --method all, --analyze pairs: part 1's run_method (or the pair analysis) several times over."""
+    return over_seeds(args, tasks) if args.seeds else experiment(args, tasks)
+
+
+def experiment(args, tasks):
+    """One run of args.method, every method side by side (--method all), or the pair analysis."""
+    if args.analyze:
+        return analyze_pairs(args, tasks)
+    if args.method != "all":
+        return run_method(args, tasks)
+    all_results = []
+    for method in ALL_METHODS:
+        print(f"\n======== {method} ========")
+        one = with_args(args, method=method, out=args.out / method,
+                        train=args.train or default_training(args.model, method))
+        all_results.append(run_method(one, tasks))
+    compare([all_results], args.out)
+    return all_results
+
+
 def over_seeds(args, tasks):
     """--seeds: the experiment once per seed, each in <out>/seed<k>, then every metric's mean and spread in <out>."""
     per_seed = [experiment(with_args(args, seed=seed, out=args.out / f"seed{seed}"), tasks) for seed in args.seeds]
@@ -2020,12 +2090,11 @@ def analyze_pairs(args, tasks):
     similarity = {part: matrix.tolist() for part, matrix in task_similarity(prototypes).items()}
     base = snapshot(model)
 
-    def tune(weights, name, title, on_step=None):
+    def tune(weights, name, title, hooks=NO_HOOKS):
         """Train one task from the given weights, each time with the same seeds: only the start differs."""
         load_snapshot(model, weights)
         torch.manual_seed(args.seed)
-        train(model, processor, tasks[name]["train"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-              rng=random.Random(args.seed), device=device, desc=title, grad_accum=args.grad_accum, on_step=on_step)
+        train(model, tasks[name]["train"], args.steps, state, random.Random(args.seed), hooks, desc=title)
 
     scored_at = doubling_steps(args.steps)
     single, pair_scores, curves = {}, {}, {}
@@ -2036,9 +2105,10 @@ def analyze_pairs(args, tasks):
         for second in [n for n in names if n != first]:
             curve = curves.setdefault(first, {}).setdefault(second, [])
             # the curve's last point is A's score at B's end, taken once by evaluate_all below
-            tune(after_first, second, f"{first} then {second}",
-                 lambda step: curve.append(quiet_score(state, model, tasks[first]))
-                 if step in scored_at[:-1] else None)
+            def score_first(state, model, step):
+                if step in scored_at[:-1]:
+                    curve.append(quiet_score(state, model, tasks[first]))
+            tune(after_first, second, f"{first} then {second}", dict(NO_HOOKS, after_step=score_first))
             pair_scores.setdefault(first, {})[second] = evaluate_all(
                 state, model, {first: tasks[first], second: tasks[second]}, f"after {first} then {second}")
             curve.append(pair_scores[first][second][0])
@@ -2124,18 +2194,18 @@ def draw_pairs(report, path, cell=36):
         draw.text((x0 + ROW_LABELS, 10), title, fill="black", font=font)
         x0 += draw_heatmap(draw, x0, top, matrix, names, names, min(values), max(values), cell, digits=2) + 20
     # The scatter: x = similarity, y = forgetting, over the same off-diagonal pairs.
-    box = [x0 + 40, top, x0 + 40 + side, top + side]
-    draw.rectangle(box, outline="black")
+    frame = [x0 + 40, top, x0 + 40 + side, top + side]
+    draw.rectangle(frame, outline="black")
     rho = report["spearman"]["pair_forgetting vs combined similarity"]
     draw.text((x0 + 40, 10), "forgetting vs similarity" + ("" if rho is None else f" (Spearman {rho:+.2f})"),
               fill="black", font=font)
     span = [(min(v), max(v) if max(v) > min(v) else min(v) + 1) for v in (xs, ys)]
     for x, y in zip(xs, ys):
-        px = box[0] + 5 + (side - 10) * (x - span[0][0]) / (span[0][1] - span[0][0])
-        py = box[3] - 5 - (side - 10) * (y - span[1][0]) / (span[1][1] - span[1][0])
+        px = frame[0] + 5 + (side - 10) * (x - span[0][0]) / (span[0][1] - span[0][0])
+        py = frame[3] - 5 - (side - 10) * (y - span[1][0]) / (span[1][1] - span[1][0])
         draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(40, 40, 200))
-    draw.text((box[0], box[3] + 4), f"similarity {span[0][0]:.3f} .. {span[0][1]:.3f}", fill="black", font=font)
-    draw.text((box[0], box[3] + 20), f"forgetting {span[1][0]:.2f} .. {span[1][1]:.2f} (bottom to top)",
+    draw.text((frame[0], frame[3] + 4), f"similarity {span[0][0]:.3f} .. {span[0][1]:.3f}", fill="black", font=font)
+    draw.text((frame[0], frame[3] + 20), f"forgetting {span[1][0]:.2f} .. {span[1][1]:.2f} (bottom to top)",
               fill="black", font=font)
     picture.save(path)
 
@@ -2193,7 +2263,7 @@ def token_share(batch):
     DDP's average of each process's mean loss into the mean over all the batch's tokens, as one process has it."""
     if WORLD_SIZE == 1:
         return 1.0
-    own = (batch["labels"][:, 1:] != -100).sum()  # the tokens the loss is a mean over (each predicts the next)
+    own = answer_positions(batch).sum()  # the tokens the loss is a mean over
     everyone = own.clone()
     torch.distributed.all_reduce(everyone)
     return WORLD_SIZE * own / everyone
@@ -2216,12 +2286,6 @@ def summed_over_processes(tensors):
 
 
 # ---------------------------------------------------------------- variants of the methods, each wired in by its flag
-def eproj_lora_prepare(state, model):
-    """--eproj-lora: each expert is a LoRA adapter on the language model with a copy of the connector (rank
-    --lora-rank), the expansion this project had before it followed the paper's projector-only experts."""
-    return start_experts(state, add_lora(state, model))
-
-
 def eproj_start_from_most_similar(state, model, examples):
     """--similarity-init: the new expert starts as a copy of the earlier task's whose keys are nearest to the new
     task's, instead of the base's, to transfer what the two share."""
@@ -2242,8 +2306,6 @@ def eproj_oracle_answer(state, model, examples, task):
 
 
 VARIANTS = {  # flag: (the method it varies, the hooks it puts in place of the method's own)
-    "tir": ("ewc", {"before_task": tir_before_task, "after_task": tir_after_task}),
-    "eproj_lora": ("eproj", {"prepare": eproj_lora_prepare}),
     "similarity_init": ("eproj", {"before_task": eproj_start_from_most_similar}),
     "oracle_task": ("eproj", {"answer": eproj_oracle_answer}),
 }

@@ -522,7 +522,7 @@ def test_tir_merges_importance_by_maximum_and_relaxes_it_by_the_owners_similarit
 
 
 def test_tir_is_wired_in_by_its_flag_and_reports_each_new_tasks_similarities(tmp_path, cache):
-    assert cit.method_hooks(cit.parse_args(["--method", "ewc"]))["before_task"] is cit.do_nothing
+    assert cit.method_hooks(cit.parse_args(["--method", "ewc"]))["before_task"] is cit.NO_HOOKS["before_task"]
     results = run(tmp_path, cache, "--method", "ewc", "--tir", "--importance", "mas", "--tasks", "count,ocr,mcq",
                   "--steps", "2", "--max-test", "4")
     similarity = results["tir_similarity"]
@@ -584,8 +584,9 @@ def test_eproj_leaves_the_shared_weights_and_earlier_experts_untouched_and_route
 
 def test_eproj_keys_are_pulled_to_the_direction_of_their_tasks_features(tiny):
     model, processor = tiny
-    state = {"args": cit.parse_args([]), "processor": processor, "device": "cpu", "task": 0, "report": {}}
-    model = cit.start_experts(state, cit.train_connector(state, copy.deepcopy(model)))
+    state = {"args": cit.parse_args(["--method", "eproj"]), "processor": processor, "device": "cpu", "task": 0,
+             "report": {}}
+    model = cit.eproj_prepare(state, copy.deepcopy(model))
     examples = cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train")
     keys = cit.eproj_keys(state, model, examples)
     features = cit.routing_features(state, model, cit.prototype_sample(examples, 0))
@@ -593,9 +594,10 @@ def test_eproj_keys_are_pulled_to_the_direction_of_their_tasks_features(tiny):
         assert F.cosine_similarity(key, feature.mean(0), dim=0) > 0.999 and key.norm() == pytest.approx(1)
 
 
-def test_eproj_lora_gives_each_task_an_adapter_and_a_connector_copy(tiny):
+def test_eproj_copies_what_train_says_the_connector_by_default_and_lora_with_the_connector_on_request(tiny):
     model, _ = tiny
-    args = cit.parse_args(["--method", "eproj", "--eproj-lora"])
+    assert cit.parse_args(["--method", "eproj"]).train == "connector" and cit.parse_args([]).train == "all"
+    args = cit.parse_args(["--method", "eproj", "--train", "lora"])
     state = {"args": args, "report": {}}
     adapted = cit.method_hooks(args)["prepare"](state, copy.deepcopy(model))
     assert any(".lora_A." in n for n in state["initial"]) and any(".modules_to_save." in n for n in state["initial"])
@@ -616,12 +618,14 @@ def test_the_loop_calls_a_methods_hooks_in_order(tmp_path, cache, monkeypatch):
         "before_task": recorder("before_task", lambda model, examples: None),
         "mix_batch": recorder("mix_batch", lambda examples, rng: examples),
         "extra_loss": recorder("extra_loss", lambda model, batch, outputs: 0.0),
+        "after_step": recorder("after_step", lambda model, step: None),
         "after_task": recorder("after_task", lambda model, examples: None),
         "answer": recorder("answer", lambda model, examples, task: [""] * len(examples))})
     results = run(tmp_path, cache, "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
 
     def task(i):
-        return [("before_task", i), *[("mix_batch", i), ("extra_loss", i)] * 2, ("after_task", i), ("answer", i),
+        return [("before_task", i), *[("mix_batch", i), ("extra_loss", i), ("after_step", i)] * 2, ("after_task", i),
+                ("answer", i),
                 ("answer", i)]
     assert calls == [("prepare", 0), *task(0), *task(1)]
     assert results["rows"] == ["count", "ocr"] and results["matrix"] == [[0.0, 0.0], [0.0, 0.0]]
@@ -657,6 +661,9 @@ def test_every_method_runs_and_all_draws_the_comparison(tmp_path, cache):
     assert "| eproj |" in (tmp_path / "out" / "summary.md").read_text()
     assert Image.open(tmp_path / "out" / "summary.png").size[0] > 6 * 100
     assert results[cit.ALL_METHODS.index("eproj")]["routing_accuracy"] == 1.0  # counting and reading look apart
+    trained = {r["method"]: r["config"]["train"] for r in results}  # each method's own default, as it trained
+    assert trained == {"finetune": "all", "ewc": "all", "lwf": "all", "replay": "all", "eproj": "connector",
+                       "joint": "all"}
 
 
 def test_profile_says_where_the_time_went_and_leaves_the_functions_as_they_were(tmp_path, cache, capsys):
@@ -713,7 +720,7 @@ def saved_weights(folder):
 
 
 @pytest.mark.parametrize("flags", [["--method", "ewc"], ["--method", "replay", "--lora"], ["--method", "eproj"],
-                                   ["--method", "eproj", "--eproj-lora"]])
+                                   ["--method", "eproj", "--train", "lora"]])
 def test_a_run_interrupted_after_its_first_task_resumes_to_the_same_end(tmp_path, cache, monkeypatch, flags):
     flags += ["--tasks", "count,ocr", "--steps", "4", "--max-test", "6", "--max-train", "30", "--replay-size", "8"]
     whole = run(tmp_path / "whole", cache, *flags)
@@ -826,8 +833,7 @@ def test_similarity_init_starts_a_new_expert_from_the_nearest_earlier_one(tmp_pa
 # ---- real-model path, exercised on folders this project saves itself
 @pytest.mark.parametrize("method", cit.ALL_METHODS)
 def test_every_method_runs_with_lora_and_saves_its_adapter(tmp_path, cache, method):
-    lora = ["--lora", "--eproj-lora"] if method == "eproj" else ["--lora"]  # eproj: LoRA experts by its own flag
-    results = run(tmp_path, cache, "--method", method, *lora, "--tasks", "count,ocr", "--steps", "2",
+    results = run(tmp_path, cache, "--method", method, "--lora", "--tasks", "count,ocr", "--steps", "2",
                   "--max-test", "4")
     assert results["config"]["train"] == "lora" and len(results["matrix"]) == (1 if method == "joint" else 2)
     saved = json.loads((tmp_path / "out" / "model" / "adapter_config.json").read_text())
@@ -1095,7 +1101,7 @@ def test_each_familys_parts_are_found_by_what_they_are(name, family_folder):
 
 @pytest.mark.parametrize("name", family_params())
 def test_each_family_runs_expansion_routing_by_its_own_image_features(tmp_path, cache, name, family_folder):
-    results = run(tmp_path, cache, "--model", str(family_folder(name)), "--method", "eproj", "--eproj-lora",
+    results = run(tmp_path, cache, "--model", str(family_folder(name)), "--method", "eproj", "--train", "lora",
                   "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
     assert len(results["matrix"]) == 2 and 0 <= results["routing_accuracy"] <= 1
     kept = torch.load(tmp_path / "out" / "model" / "method_state.pt", weights_only=True)
