@@ -51,21 +51,6 @@ def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None, 
     return tasks
 
 
-def load_split(data_dir, name, split, image_root=None):
-    """One split of a task folder: LLaVA conversation records, or the benchmarks' flat evaluation records.
-
-    Images resolve against the task folder, or --image-root when the benchmark keeps them in one place.
-    """
-    path = split_file(data_dir / name, split)
-    image_dir, allowed = (Path(image_root), Path(image_root)) if image_root else (data_dir / name, data_dir)
-    examples = []
-    for index, record in enumerate(read_records(path)):
-        conversation = isinstance(record, dict) and "conversations" in record
-        examples.append((example_from if conversation else flat_example)(record, f"{path}: record {index}",
-                                                                         image_dir, allowed))
-    return examples
-
-
 def example_from(record, where, image_dir, allowed):
     """A conversation {"image"?, "conversations": [{"from": "human", "value"}, {"from": "gpt", "value"}, ...]}.
 
@@ -168,9 +153,7 @@ def freeze_vision_encoder(model):
             p.requires_grad_(False)
 
 
-# What trains (--train; the default prepare hook): the connector alone (InstructBLIP's setting: Q-Former and
-# projection, the language model frozen), LoRA on the language model plus the connector (LLaVA's usual
-# fine-tuning), or all but the vision encoder.
+# What trains (--train; the default prepare hook): the connector alone, LoRA plus the connector, or all but vision.
 def train_connector(state, model):
     """--train connector: only the connector learns (InstructBLIP's instruction tuning); it is saved whole."""
     connector = set(model_parts(model)["connector"])
@@ -253,7 +236,7 @@ def mean_embedding(model, processor, texts, device):
 #   prepare(state, model) -> model                     once, before the first stage (default: what --train says)
 #   before_task(state, model, examples)                before a stage is trained
 #   mix_batch(state, examples, rng) -> examples        what a training batch holds
-#   extra_loss(state, model, batch, outputs) -> loss   a term added to the loss at every step
+#   extra_loss(state, model, batch, logits) -> loss    a term added to the loss at every step (answer_logits')
 #   after_step(state, model, step)                     after each optimizer step (the pair analysis scores there)
 #   after_task(state, model, examples)                 after a stage is trained
 #   answer(state, model, examples, task) -> answers    how a task's test questions are answered
@@ -268,7 +251,7 @@ def greedy_answers(state, model, examples, task):
 
 
 NO_HOOKS = dict(stages=one_stage_per_task, prepare=keep_model, before_task=lambda state, model, examples: None,
-                mix_batch=lambda state, examples, rng: examples, extra_loss=lambda state, model, batch, outputs: 0.0,
+                mix_batch=lambda state, examples, rng: examples, extra_loss=lambda state, model, batch, logits: 0.0,
                 after_step=lambda state, model, step: None, after_task=lambda state, model, examples: None,
                 answer=greedy_answers)
 
@@ -300,15 +283,31 @@ def train(model, examples, steps, state, rng, hooks=NO_HOOKS, desc=""):
             # Every process draws the same batch of batch_size x processes and trains on its own share of it.
             drawn = rng.sample(examples, min(args.batch_size * WORLD_SIZE, len(examples)))
             batch = training_batch(processor, hooks["mix_batch"](state, drawn, rng)[RANK::WORLD_SIZE], device)
-            outputs = forward(**batch)
-            loss = outputs.loss * token_share(batch) + hooks["extra_loss"](state, model, batch, outputs)
+            logits, targets = answer_logits(model, batch, forward)
+            loss = (F.cross_entropy(logits.float(), targets) * token_share(batch)
+                    + hooks["extra_loss"](state, model, batch, logits))
             (loss / args.grad_accum).backward()
+        stop_if_diverged(loss, desc, step + 1)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         progress.set_postfix(loss=f"{loss.item():.3f}")
         hooks["after_step"](state, model, step + 1)
     model.eval()
+
+
+def answer_logits(model, batch, forward=None):
+    """The logits that predict the answer tokens, a row per token, and those tokens. The head runs on these positions
+    alone where the family lets it: the loss, LwF and MAS read no others, and a head over the whole vocabulary at
+    every position is a large share of a step. `forward`: the model called another way (DDP, other weights)."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    answer = answer_positions(batch)
+    keep, forward = F.pad(answer, (0, 1)), forward or model  # the last position predicts nothing
+    if head_on_positions(model):
+        logits = forward(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = forward(**inputs).logits[keep]
+    return logits, batch["labels"][:, 1:][answer]
 
 
 def start_run(args, device, hooks):
@@ -411,15 +410,15 @@ def ewc_after_task(state, model, examples):
 
 def fisher_importance(state, model, examples):
     """EWC's diagonal Fisher: the mean over examples of each one's squared gradient of its answer-token loss."""
-    return per_example_importance(state, model, examples, lambda batch, outputs: outputs.loss, torch.square)
+    return per_example_importance(state, model, examples, lambda logits, targets: F.cross_entropy(logits, targets),
+                                  torch.square)
 
 
 def mas_importance(state, model, examples):
     """MAS: the mean over examples of the absolute gradient of the squared norm of the output (the logits at the
     answer's positions, averaged over them): how much the output moves with the weight, labels not needed."""
-    def squared_norm(batch, outputs):
-        return outputs.logits[:, :-1][answer_positions(batch)].float().square().sum(-1).mean()
-    return per_example_importance(state, model, examples, squared_norm, torch.abs)
+    return per_example_importance(state, model, examples, lambda logits, targets: logits.square().sum(-1).mean(),
+                                  torch.abs)
 
 
 def per_example_importance(state, model, examples, objective, measure):
@@ -435,7 +434,8 @@ def per_example_importance(state, model, examples, objective, measure):
     for example in sample[RANK::WORLD_SIZE]:  # under torchrun, each process its share; summed below
         model.zero_grad(set_to_none=True)
         batch = training_batch(state["processor"], [example], state["device"])
-        objective(batch, model(**batch)).backward()
+        logits, targets = answer_logits(model, batch)
+        objective(logits.float(), targets).backward()
         for name, p in params.items():
             if p.grad is not None:  # a weight the objective does not reach has no importance
                 total[name] += measure(p.grad.detach().float())
@@ -449,7 +449,7 @@ def per_example_importance(state, model, examples, objective, measure):
 IMPORTANCE = {"fisher": fisher_importance, "mas": mas_importance}  # --importance
 
 
-def ewc_penalty(state, model, batch, outputs):
+def ewc_penalty(state, model, batch, logits):
     """lambda/2 * sum Omega (theta - theta_old)^2 over the trainable weights, Omega their importance: zero at the
     anchor, quadratic away from it."""
     if "importance" not in state:
@@ -539,16 +539,16 @@ def lwf_before_task(state, model, examples):
         state["old"] = snapshot(model)
 
 
-def lwf_distillation(state, model, batch, outputs):
+def lwf_distillation(state, model, batch, logits):
     """KL(old || new) at temperature T between next-token distributions on the new task's answer positions."""
     if "old" not in state:
         return 0.0
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
-        old_logits = torch.func.functional_call(model, state["old"], args=(), kwargs=inputs).logits
-    answer, T = answer_positions(batch), state["args"].lwf_temperature
-    new = torch.log_softmax(outputs.logits[:, :-1][answer] / T, dim=-1)
-    old = torch.log_softmax(old_logits[:, :-1][answer] / T, dim=-1)
+        old_logits, _ = answer_logits(model, batch, lambda **inputs: torch.func.functional_call(
+            model, state["old"], args=(), kwargs=inputs))
+    T = state["args"].lwf_temperature
+    new = torch.log_softmax(logits / T, dim=-1)
+    old = torch.log_softmax(old_logits / T, dim=-1)
     kl = F.kl_div(new, old, log_target=True, reduction="batchmean")
     return state["args"].lwf_alpha * T * T * kl
 
@@ -704,11 +704,13 @@ import hashlib
 import inspect
 import json
 import math
+import multiprocessing
 import shutil
 import statistics
 import sys
 import weakref
 from collections import Counter
+from contextlib import redirect_stderr, redirect_stdout
 
 from peft import LoraConfig, PeftConfig, PeftModel
 from PIL import ImageDraw, ImageFont
@@ -729,6 +731,8 @@ def number(kind, above=None, at_least=None, at_most=None):
     """An argparse type for a bounded number, so that a bad value is refused where its flag is read."""
     def parse(text):
         value = kind(text)  # the comparisons below are all False for nan, so nan is refused too
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         for ok, bound in [(above is None or value > above, f"above {above}"),
                           (at_least is None or value >= at_least, f"{at_least} or above"),
                           (at_most is None or value <= at_most, f"{at_most} or below")]:
@@ -790,6 +794,9 @@ def parse_args(argv=None):
     seeding.add_argument("--seeds", type=seed_list,
                          help="run once per seed (e.g. 0,1,2), each in <out>/seed<k>, and report every metric's mean "
                               "and standard deviation over them in <out>/summary.json, .md and .png")
+    run.add_argument("--jobs", type=number(int, above=0), default=1,
+                     help="with --seeds or --method all: run this many runs at a time, each in a process of its own "
+                          "with its share of the CPU threads")
     run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
     run.add_argument("--show", type=int, default=1, help="sample answers printed per task after each task")
     run.add_argument("--analyze", choices=["pairs"],
@@ -874,6 +881,8 @@ def parse_args(argv=None):
                     help="ewc: the paper's task-similarity-informed regularization: relax each weight's importance "
                          "by the new task's similarity to the task it mattered most to")
     args = parser.parse_args(argv)
+    if args.jobs > 1 and (args.profile or WORLD_SIZE > 1):
+        parser.error("argument --jobs: --profile and torchrun time and share one process; run them with --jobs 1")
     if args.analyze and args.resume:
         parser.error("argument --resume: an analysis has no checkpoints; it starts over with --overwrite")
     args.out = Path(args.out or f"runs/{args.analyze or args.method}")
@@ -986,8 +995,10 @@ def check_inputs(args):
         if not (args.resume or args.overwrite) and any(f.exists() for f in earlier):
             raise InputError(f"--out {out} holds an earlier run: add --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
-        if args.overwrite and RANK == 0:
+        if args.overwrite and RANK == 0:  # an interrupted replacement must not leave the old run's results
             remove_checkpoints(out)
+            for old in earlier:
+                old.unlink(missing_ok=True)
     return tasks
 
 
@@ -1003,6 +1014,21 @@ def check_task_folders(data_dir, names):
         if not (data_dir / name).is_dir():
             raise InputError(f"--tasks: no task folder {name!r} in {data_dir} "
                              f"(there: {', '.join(default_task_names(data_dir)) or 'none'})")
+
+
+def load_split(data_dir, name, split, image_root=None):
+    """One split of a task folder: LLaVA conversation records, or the benchmarks' flat evaluation records.
+
+    Images resolve against the task folder, or --image-root when the benchmark keeps them in one place.
+    """
+    path = split_file(data_dir / name, split)
+    image_dir, allowed = (Path(image_root), Path(image_root)) if image_root else (data_dir / name, data_dir)
+    examples = []
+    for index, record in enumerate(read_records(path)):
+        conversation = isinstance(record, dict) and "conversations" in record
+        examples.append((example_from if conversation else flat_example)(record, f"{path}: record {index}",
+                                                                         image_dir, allowed))
+    return examples
 
 
 def split_file(folder, split):
@@ -1095,7 +1121,8 @@ def flat_references(record):
     if answers is None or isinstance(answers, dict):
         return None
     answers = answers if isinstance(answers, list) else [answers]
-    return [str(a.get("answer", "") if isinstance(a, dict) else a).strip() for a in answers]
+    answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
+    return ["" if a is None else str(a).strip() for a in answers]  # a null answer is an empty one
 
 
 def take_references(examples, path):
@@ -1332,6 +1359,20 @@ def image_token_id(model):
     """The token that stands for image features in a prompt (configs name it image_token_id or image_token_index)."""
     token = getattr(model.config, "image_token_id", None)
     return model.config.image_token_index if token is None else token  # 0 is a token too
+
+
+def stop_if_diverged(loss, desc, step):
+    """A loss that is no longer finite ends the run in one line, before the optimizer spreads it into every weight;
+    the checkpoints of the tasks before stand."""
+    if not math.isfinite(loss.item()):
+        raise InputError(f"{desc}: the loss is {loss.item()} at step {step}: training diverged; lower --lr (or the "
+                         "method's weight) and start again with --overwrite")
+
+
+def head_on_positions(model):
+    """Whether the family computes logits only at chosen positions (transformers' logits_to_keep; not BLIP-2's)."""
+    model = getattr(model, "get_base_model", lambda: model)()  # under peft, the model it wraps
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def takes_suffix(processor):
@@ -1738,9 +1779,29 @@ def bookkeeping(args, state, tasks, started):
 def finished_run(args):
     """--resume of a run that has finished: its results, as results.json keeps them; else None."""
     if args.resume and (args.out / "results.json").is_file():
+        results = json.loads((args.out / "results.json").read_text())
+        check_same_run(results["config"], args)
         print(f"--resume: {args.method} had finished: {args.out / 'results.json'}")
-        return json.loads((args.out / "results.json").read_text())
+        return results
     return None
+
+
+# Flags that cannot change what a run trains or scores: a resumed run may give them otherwise.
+HARMLESS = {"device", "show", "debug", "profile", "resume", "overwrite", "cache", "rebuild_base", "seeds", "jobs",
+            "eval_batch_size", "gradient_checkpointing", "trust_remote_code", "out"}
+
+
+def check_same_run(saved, args):
+    """--resume goes on only with the flags the run was started with, but for HARMLESS ones; else one line naming
+    the first flag that differs and both values."""
+    now = json.loads(json.dumps(vars(args), default=str))  # as results.json and progress.json keep them
+    different = [key for key in now if key not in HARMLESS and saved.get(key) != now[key]]
+    if different:
+        key = different[0]
+        shown = [",".join(map(str, v)) if isinstance(v, list) else v for v in (saved.get(key), now[key])]
+        raise InputError(f"--resume: {args.out} holds a run with --{key.replace('_', '-')} {shown[0]}, not "
+                         f"{shown[1]}{f' (and {len(different) - 1} more)' if len(different) > 1 else ''}: give its "
+                         "flags, or --overwrite, or another --out")
 
 
 # What the loop itself puts in a method's state; everything else is the method's memory, kept in checkpoints.
@@ -1803,12 +1864,7 @@ def find_checkpoint(args):
     if not (args.out / saved.get("checkpoint", "none") / "state.pt").is_file():
         print(f"--resume: no finished task in {args.out}: starting from the first one")
         return None
-    before, now = {**saved["config"], "tasks": saved["tasks"]}, vars(args)
-    different = [key for key in ["method", "tasks", "model", "base", "train", "lora_rank", "seed", "importance", "tir"]
-                 if before.get(key) != now[key]]
-    if different:
-        raise InputError(f"--resume: {args.out} holds a run with other {', '.join(different)}: "
-                         "give the same flags, or another --out")
+    check_same_run({**saved["config"], "tasks": saved["tasks"]}, args)
     print(f"--resume: continuing {args.out} after task {len(saved['matrix'])} of {len(args.tasks)}")
     return args.out / saved["checkpoint"]
 
@@ -1856,7 +1912,8 @@ def count_flops(model, examples, steps, state, work, make_batch):
     sample = random.Random(0).sample(examples, min(args.batch_size, len(examples)))
     batch = make_batch(state["processor"], sample, state["device"])
     with FlopCounterMode(display=False) as counter:
-        model(**batch).loss.backward()
+        logits, targets = answer_logits(model, batch)
+        F.cross_entropy(logits.float(), targets).backward()
     model.zero_grad(set_to_none=True)
     work["flops"] += counter.get_total_flops() * steps * args.grad_accum
     work["steps"] += steps
@@ -1977,32 +2034,55 @@ def draw_matrices(all_results, path, note="", cell=30):
 
 # ---------------------------------------------------------------- several runs: methods side by side, seeds
 def several_runs(args, tasks):
-    """--seeds, --method all, --analyze pairs: part 1's run_method (or the pair analysis) several times over."""
-    return over_seeds(args, tasks) if args.seeds else experiment(args, tasks)
-
-
-def experiment(args, tasks):
-    """One run of args.method, every method side by side (--method all), or the pair analysis."""
+    """--seeds, --method all, --analyze pairs: part 1's run_method (or the pair analysis) once per seed and method,
+    --jobs of them at a time; then the methods side by side per seed (<out>[/seed<k>]/summary.*) and over seeds."""
+    seeds = [with_args(args, seed=seed, out=args.out / f"seed{seed}") for seed in args.seeds] if args.seeds else [args]
+    methods = ALL_METHODS if args.method == "all" and not args.analyze else [None]
+    runs = [(method, one if method is None else with_args(one, method=method, out=one.out / method,
+                                                           train=one.train or default_training(one.model, method)))
+            for one in seeds for method in methods]
+    done = side_by_side(analyze_pairs if args.analyze else run_method, runs, tasks, args.jobs)
+    per_seed = [done[k:k + len(methods)] for k in range(0, len(done), len(methods))]
+    if methods != [None]:
+        for one, results in zip(seeds, per_seed):
+            compare([results], one.out)
+    if not args.seeds:
+        return per_seed[0] if methods != [None] else per_seed[0][0]
     if args.analyze:
-        return analyze_pairs(args, tasks)
-    if args.method != "all":
-        return run_method(args, tasks)
-    all_results = []
-    for method in ALL_METHODS:
-        print(f"\n======== {method} ========")
-        one = with_args(args, method=method, out=args.out / method,
-                        train=args.train or default_training(args.model, method))
-        all_results.append(run_method(one, tasks))
-    compare([all_results], args.out)
-    return all_results
+        return compare_pairs([results[0] for results in per_seed], args.out)
+    return compare(per_seed, args.out)
 
 
-def over_seeds(args, tasks):
-    """--seeds: the experiment once per seed, each in <out>/seed<k>, then every metric's mean and spread in <out>."""
-    per_seed = [experiment(with_args(args, seed=seed, out=args.out / f"seed{seed}"), tasks) for seed in args.seeds]
-    if args.analyze:
-        return compare_pairs(per_seed, args.out)
-    return compare(per_seed if args.method == "all" else [[results] for results in per_seed], args.out)
+def side_by_side(function, runs, tasks, jobs):
+    """function(args, tasks) for each run: one after another, or --jobs of them at a time, each in a process of its
+    own with its share of the cores, printing into <out>/log.txt; a line says when each has finished."""
+    if jobs == 1:
+        done = []
+        for method, one in runs:
+            if method:
+                print(f"\n======== {method} ========")
+            done.append(function(one, tasks))
+        return done
+    threads = max(1, torch.get_num_threads() // jobs)
+    print(f"--jobs {jobs}: {len(runs)} runs, {jobs} at a time with {threads} thread(s) each; each prints into "
+          "<its out>/log.txt")
+    # spawn, not fork: a process forked from one whose torch has started its threads can hang
+    with multiprocessing.get_context("spawn").Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        pending = [pool.apply_async(logged, (function, one, tasks)) for _, one in runs]
+        done = []
+        for (_, one), job in zip(runs, pending):
+            done.append(job.get())
+            average = done[-1].get("average") if isinstance(done[-1], dict) else None
+            print(f"  {len(done)}/{len(runs)} done: {one.out}" + ("" if average is None else f"  average {average:.3f}"))
+    return done
+
+
+def logged(function, args, tasks):
+    """One run of side_by_side, in its own process, its output in <out>/log.txt."""
+    disable_progress_bar()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "log.txt", "w") as log, redirect_stdout(log), redirect_stderr(log):
+        return function(args, tasks)
 
 
 def spread(values):
