@@ -410,8 +410,7 @@ def ewc_after_task(state, model, examples):
 
 def fisher_importance(state, model, examples):
     """EWC's diagonal Fisher: the mean over examples of each one's squared gradient of its answer-token loss."""
-    return per_example_importance(state, model, examples, lambda logits, targets: F.cross_entropy(logits, targets),
-                                  torch.square)
+    return per_example_importance(state, model, examples, F.cross_entropy, torch.square)
 
 
 def mas_importance(state, model, examples):
@@ -681,11 +680,12 @@ def run_method(args, tasks):
         return finished
     started, device, hooks = time.time(), pick_device(args.device), method_hooks(args)
     model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
-    check_pictures(model, tasks)
+    check_pictures(model, tasks, args.train)
     rows, matrix = run_sequence(model, tasks, hooks, state, rng, matrix)
     zero_shot = state["report"]["zero_shot"]
     results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
-               "fwt": forward_transfer(matrix, zero_shot), **state["report"], **bookkeeping(args, state, tasks, started)}
+               "fwt": forward_transfer(matrix, zero_shot), **state["report"],
+               **bookkeeping(args, state, tasks, started)}
     save_run(args, state, model, results)
     table = format_table([zero_shot, *matrix], ["(base)", *rows], list(tasks), "after \\ on")
     print(f"\naccuracy matrix R (row: after training task i, the base first; column: score on task j)\n{table}")
@@ -700,6 +700,7 @@ def run_method(args, tasks):
 
 # What part 2 needs beyond part 1's imports.
 import argparse
+import fcntl
 import hashlib
 import inspect
 import json
@@ -761,13 +762,16 @@ def per_task(accept, problem):
     return parse
 
 
+MAX_SEED = 2 ** 32 - 1  # what every generator a run seeds (Python's, torch's, a method's own) takes
+
+
 def seed_list(text):
     try:
         seeds = [int(seed) for seed in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"comma-separated whole numbers, e.g. 0,1,2: got {text}") from None
-    if len(set(seeds)) < len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"each seed once, none negative: got {text}")
+    if len(set(seeds)) < len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"each seed once, from 0 to {MAX_SEED}: got {text}")
     return seeds
 
 
@@ -790,7 +794,8 @@ def parse_args(argv=None):
                      help="continual-learning method, or all of them side by side")
     run.add_argument("--out", help="output folder (default runs/<method>)")
     seeding = run.add_mutually_exclusive_group()
-    seeding.add_argument("--seed", type=int, default=0, help="seed for sampling and initialization")
+    seeding.add_argument("--seed", type=number(int, at_least=0, at_most=MAX_SEED), default=0,
+                         help="seed for sampling and initialization")
     seeding.add_argument("--seeds", type=seed_list,
                          help="run once per seed (e.g. 0,1,2), each in <out>/seed<k>, and report every metric's mean "
                               "and standard deviation over them in <out>/summary.json, .md and .png")
@@ -912,6 +917,8 @@ def pick_device(requested=None):
             device = torch.device(requested)
         except RuntimeError:
             raise InputError(f"--device {requested}: not a device name torch knows (cuda, cuda:1, mps, cpu)") from None
+        if device.type not in ["cuda", "mps", "cpu"]:
+            raise InputError(f"--device {requested}: cit.py trains on cuda, mps or cpu")
         if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not (
                 torch.backends.mps.is_available()):
             raise InputError(f"--device {requested}: not available on this machine")
@@ -931,14 +938,41 @@ def pick_dtype(args, device):
 
 @contextmanager
 def command_line(args):
-    """What the command needs around its runs: one-line input errors, torchrun's processes, --profile, and
-    --rebuild-base before anything else."""
+    """What the command needs around its runs: one-line input errors, torchrun's processes, --out held for the
+    command's life, --profile, and --rebuild-base before anything else."""
     disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
-    with errors_in_one_line(args), processes(args), profiled(args):
+    with errors_in_one_line(args), processes(args), out_held(args.out), profiled(args):
         if args.rebuild_base:
             with main_process_first():
                 if RANK == 0:
                     rebuild_bases(args)
+        yield
+
+
+@contextmanager
+def out_held(out):
+    """--out, locked for as long as the command runs, so that two runs never write into one folder: a second is
+    refused in one line naming the first. Taking it also proves, before any training, that --out can be written."""
+    if RANK > 0:  # under torchrun the first process writes, and holds the folder
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: results go into a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+    except OSError as error:
+        raise InputError(f"--out {out} cannot be written: {error.strerror or error}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise InputError(f"--out {out} is in use by another run ({lock.read().strip() or 'a process'}): wait for "
+                             "it to end, or choose another --out") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        lock.flush()
         yield
 
 
@@ -970,8 +1004,6 @@ def check_inputs(args):
     args.tasks = args.tasks or default_task_names(data_dir)
     if not args.tasks:
         raise InputError(f"--data {data_dir}: no task folders in it (folders holding train.json and test.json)")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"--out {args.out} is a file: results go into a folder")
     for flag in ["metrics", "references"]:
         unknown = [name for name in getattr(args, flag) or {} if name not in args.tasks]
         if unknown:
@@ -988,9 +1020,13 @@ def check_inputs(args):
         if getattr(args, flag) and not args.analyze and args.method not in [method, "all"]:
             raise InputError(f"--{flag.replace('_', '-')} is a variant of {method}: use it with --method {method} "
                              "or all")
+    if args.analyze and len(args.tasks) < 2:
+        raise InputError(f"--analyze pairs trains every pair of tasks: it needs two or more, got {args.tasks[0]}")
     runs = [args.out / f"seed{seed}" for seed in args.seeds] if args.seeds else [args.out]
     outs = [run / method for run in runs for method in ALL_METHODS] if args.method == "all" else runs
     for out in outs:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} is a file: results go into a folder")
         earlier = [out / f for f in ["results.json", "progress.json", "pairs.json"]]
         if not (args.resume or args.overwrite) and any(f.exists() for f in earlier):
             raise InputError(f"--out {out} holds an earlier run: add --resume to continue it, --overwrite to "
@@ -1067,6 +1103,8 @@ def read_json(path):
     for first_line, document in documents:
         try:
             parsed.append(json.loads(document))
+        except RecursionError:
+            raise InputError(f"{path}:{first_line}: nested too deeply to be a task file") from None
         except json.JSONDecodeError as error:
             raise InputError(f"{path}:{first_line + error.lineno - 1}:{error.colno}: not valid JSON: "
                              f"{error.msg}") from None
@@ -1093,6 +1131,8 @@ def check_record(record, where):
         raise InputError(f"{where} needs a 'human' and a 'gpt' turn with a 'value', alternating, 'gpt' last")
     if not all(t["value"].strip() for t in turns[1::2]):
         raise InputError(f"{where} has an empty 'gpt' answer")
+    if any("<image>" in t["value"] for t in turns[1::2]):
+        raise InputError(f"{where} has '<image>' in a 'gpt' answer: the picture belongs to a 'human' turn")
     return where
 
 
@@ -1221,6 +1261,9 @@ def base_model(args, device):
         model, processor = load_pretrained(args.model, args, dtype)
     if processor.chat_template is None:
         processor.chat_template = CARD_TEMPLATES.get(model.config.model_type, TINY_CHAT_TEMPLATE)
+    if getattr(model.config.get_text_config(), "is_encoder_decoder", False):  # Flan-T5 BLIP-2s, Florence-2
+        raise InputError(f"--model {args.model}: its language model is an encoder-decoder; cit.py tunes decoder-only "
+                         "ones (its labels, masks and generation read one sequence)")
     mend_blip_image_token(processor)
     # Training records longer than this are cut (--max-length; by default the language model's own limit).
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
@@ -1298,6 +1341,9 @@ def model_parts(model):
     Returns module names: "vision", "language", "head", and "connector" (names of its parameters)."""
     names = {id(module): name for name, module in model.named_modules()}
     vision, language, head = model.get_encoder("image"), model.get_decoder(), model.get_output_embeddings()
+    if vision is model and language is not model and head is not None:
+        raise InputError(f"{type(model).__name__} has no separate vision encoder (as Fuyu, whose language model reads "
+                         "the image patches itself): cit.py freezes one and takes the image features from it")
     missing = [part for part, module in [("vision encoder", vision), ("language model", language)] if module is model]
     if missing or head is None:
         raise InputError(f"{type(model).__name__} has no {' or '.join(missing) or 'output head'} that transformers "
@@ -1320,9 +1366,13 @@ def lora_config(args, model):
     module's own (BLIP's query tokens, LLaVA-NeXT's image newline) stay as pre-trained: peft copies modules only."""
     parts = model_parts(model)
     head = model.get_output_embeddings()
-    projections = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                          if inside(name, parts["language"]) and isinstance(module, torch.nn.Linear)
-                          and module is not head})
+    linear = {name: module for name, module in model.named_modules() if inside(name, parts["language"])
+              and isinstance(module, torch.nn.Linear) and module is not head}
+    narrowest = min(min(module.in_features, module.out_features) for module in linear.values())
+    if args.lora_rank > narrowest:
+        raise InputError(f"--lora-rank {args.lora_rank} is more than the {narrowest} features of the narrowest "
+                         "layer it adapts")
+    projections = sorted({name.rsplit(".", 1)[-1] for name in linear})
     return LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                       target_modules=rf"{re.escape(parts['language'])}\..*\.({'|'.join(projections)})",
                       modules_to_save=whole_modules(model, parts["connector"]))
@@ -1390,17 +1440,20 @@ def encode_with_suffix(processor, example, images):
     return cut_to_length(dict(encoding), processor, example)
 
 
-def check_pictures(model, tasks):
-    """A model whose forward requires pixels (BLIP-2 and InstructBLIP put their query tokens before every prompt)
-    takes no text-only example: said in one line before any training, naming the task."""
+def check_pictures(model, tasks, train):
+    """Text-only examples where they cannot be taken, said in one line before any training, naming the task: a model
+    whose forward requires pixels (BLIP-2 and InstructBLIP put their query tokens before every prompt), or a run
+    where only the connector trains (--train connector, eproj's default), which a text-only batch never reaches."""
     model = getattr(model, "get_base_model", lambda: model)()  # under peft, the model it wraps
-    if inspect.signature(model.forward).parameters["pixel_values"].default is not inspect.Parameter.empty:
+    needs = inspect.signature(model.forward).parameters["pixel_values"].default is inspect.Parameter.empty
+    if not needs and train != "connector":
         return
     for name, task in tasks.items():
-        bare = [e for e in task["train"] + task["test"] if not e["image"]]
+        bare = [e for e in task["train"] + (task["test"] if needs else []) if not e["image"]]
         if bare:
-            raise InputError(f"{type(model).__name__} needs a picture in every example; task {name} has "
-                             f"{len(bare)} without one, as {bare[0]['question'][:60]!r}")
+            who = f"{type(model).__name__} needs" if needs else "--train connector (eproj's default) needs"
+            raise InputError(f"{who} a picture in every example; task {name} has {len(bare)} without one, as "
+                             f"{bare[0]['question'][:60]!r}")
 
 
 def tiny_tokenizer(texts):
@@ -1698,7 +1751,7 @@ def cut_to_length(encoding, processor, example):
             for key, tensor in encoding.items()}
 
 
-# ---------------------------------------------------------------- files: the bases' cache, results, checkpoints, --resume
+# ---------------------------------------------------------------- files: the bases' cache, results, checkpoints
 def files_digest(folder):
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -1841,13 +1894,16 @@ def resume_run(args, device, hooks):
     checkpoint = find_checkpoint(args)
     if checkpoint is None:
         return start_run(args, device, hooks)
-    saved, saved_state = checkpoint / "model", torch.load(checkpoint / "state.pt", map_location=device,
-                                                          weights_only=True)
-    if (saved / "adapter_config.json").is_file():  # LoRA (eproj's experts with --train lora too): the adapter goes back onto the base
+    saved = checkpoint / "model"
+    with damaged(checkpoint):
+        saved_state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
+    if (saved / "adapter_config.json").is_file():  # LoRA (eproj's experts too): the adapter goes back onto the base
         model, processor = load_model(args, device)
-        model = PeftModel.from_pretrained(model, saved)
+        with damaged(checkpoint):
+            model = PeftModel.from_pretrained(model, saved)
     else:  # full weights: the checkpoint is a model folder of its own
-        model, processor = load_model(with_args(args, model=str(saved)), device)
+        with damaged(checkpoint):
+            model, processor = load_model(with_args(args, model=str(saved)), device)
     for name, p in model.named_parameters():  # what trained before trains, whatever the method made train
         p.requires_grad_(name in saved_state["trains"])
     state = {"args": args, "processor": processor, "device": device, "task": 0, **saved_state["memory"]}
@@ -1857,10 +1913,20 @@ def resume_run(args, device, hooks):
     return model, state, rng, json.loads((args.out / "progress.json").read_text())["matrix"]
 
 
+@contextmanager
+def damaged(checkpoint):
+    """A checkpoint's file that does not read back (cut short by a full disk, say) ends --resume in one line."""
+    try:
+        yield
+    except Exception as error:  # only reading the checkpoint's own files happens in here
+        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"--resume: {checkpoint} does not read back ({said}): start again with --overwrite") from None
+
+
 def find_checkpoint(args):
     """The checkpoint that --resume continues from, after checking that it is a run of the same kind."""
     progress = args.out / "progress.json"
-    saved = json.loads(progress.read_text()) if progress.is_file() else {}
+    saved = read_json(progress) if progress.is_file() else {}
     if not (args.out / saved.get("checkpoint", "none") / "state.pt").is_file():
         print(f"--resume: no finished task in {args.out}: starting from the first one")
         return None
@@ -2067,13 +2133,17 @@ def side_by_side(function, runs, tasks, jobs):
     print(f"--jobs {jobs}: {len(runs)} runs, {jobs} at a time with {threads} thread(s) each; each prints into "
           "<its out>/log.txt")
     # spawn, not fork: a process forked from one whose torch has started its threads can hang
-    with multiprocessing.get_context("spawn").Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         pending = [pool.apply_async(logged, (function, one, tasks)) for _, one in runs]
         done = []
         for (_, one), job in zip(runs, pending):
             done.append(job.get())
             average = done[-1].get("average") if isinstance(done[-1], dict) else None
-            print(f"  {len(done)}/{len(runs)} done: {one.out}" + ("" if average is None else f"  average {average:.3f}"))
+            shown = "" if average is None else f"  average {average:.3f}"
+            print(f"  {len(done)}/{len(runs)} done: {one.out}{shown}")
+        pool.close()  # the workers end of themselves: terminated, they would leave a semaphore behind
+        pool.join()
     return done
 
 

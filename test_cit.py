@@ -272,6 +272,9 @@ def good_records():
     (lambda task: (task / "train.json").write_text(json.dumps([dict(record(0, "Q?", "red"), conversations=[
         {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q?"}])])), "needs a 'human' and a 'gpt' turn"),
     (lambda task: (task / "train.json").write_text(json.dumps([record(0, "Q?", "  ")])), "empty 'gpt' answer"),
+    (lambda task: (task / "train.json").write_text(json.dumps([record(0, "Q?", "<image> red")])),
+     "has '<image>' in a 'gpt' answer"),
+    (lambda task: (task / "train.json").write_text("[" * 100000 + "]" * 100000), "nested too deeply"),
     (lambda task: (task / "images" / "1.png").unlink(), "1.png not found"),
     (lambda task: (task / "test.json").write_text(json.dumps([dict(record(0, "Q?", "red"), image="../../secret.png")])),
      "'../../secret.png' is outside"),
@@ -301,6 +304,10 @@ def test_bad_data_ends_in_one_line_naming_the_file_and_the_problem(tmp_path, cap
     (["--method", "ewc", "--similarity-init"], "--similarity-init is a variant of eproj"),
     (["--method", "eproj", "--tir"], "--tir is a variant of ewc"),
     (["--seeds", "0,1,0"], "--seeds: each seed once"),
+    (["--seed", str(2 ** 64)], "--seed: must be 4294967295 or below"),
+    (["--device", "meta"], "--device meta: cit.py trains on cuda, mps or cpu"),
+    (["--analyze", "pairs"], "--analyze pairs trains every pair of tasks: it needs two or more, got count"),
+    (["--lora", "--lora-rank", "100000"], "--lora-rank 100000 is more than the 128 features of the narrowest layer"),
     (["--seed", "1", "--seeds", "0,1"], "not allowed with argument --seed"),
 ])
 def test_bad_flags_end_in_one_line_naming_the_flag(tmp_path, capsys, flags, expected):
@@ -547,7 +554,7 @@ def test_tir_merges_importance_by_maximum_and_relaxes_it_by_the_owners_similarit
 def test_tir_is_wired_in_by_its_flag_and_reports_each_new_tasks_similarities(tmp_path, cache):
     assert cit.method_hooks(cit.parse_args(["--method", "ewc"]))["before_task"] is cit.NO_HOOKS["before_task"]
     results = run(tmp_path, cache, "--method", "ewc", "--tir", "--importance", "mas", "--tasks", "count,ocr,mcq",
-                  "--steps", "2", "--max-test", "4")
+                  "--steps", "2", "--max-test", "4", "--ewc-samples", "8")
     similarity = results["tir_similarity"]
     assert sorted(similarity) == [1, 2] and len(similarity[1]) == 1 and len(similarity[2]) == 2
     assert similarity[1] == pytest.approx([0.5 ** 3])  # one pair seen: no spread to z-score by
@@ -680,7 +687,8 @@ def test_sequential_finetuning_forgets_and_joint_training_does_not(tmp_path, cac
 
 
 def test_every_method_runs_and_all_draws_the_comparison(tmp_path, cache):
-    results = run(tmp_path, cache, "--method", "all", "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
+    results = run(tmp_path, cache, "--method", "all", "--tasks", "count,ocr", "--steps", "2", "--max-test", "4",
+                  "--ewc-samples", "8")
     assert [r["method"] for r in results] == cit.ALL_METHODS
     assert "| eproj |" in (tmp_path / "out" / "summary.md").read_text()
     assert Image.open(tmp_path / "out" / "summary.png").size[0] > 6 * 100
@@ -793,6 +801,43 @@ def test_a_run_interrupted_after_its_first_task_resumes_to_the_same_end(tmp_path
     expected, got = saved_weights(tmp_path / "whole" / "out" / "model"), saved_weights(out / "model")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert not list(out.glob("checkpoint-*"))  # the final model replaces the last checkpoint
+
+
+def test_a_second_run_into_the_same_out_and_an_out_that_cannot_be_written_end_before_training(tmp_path, capsys):
+    with cit.out_held(tmp_path / "busy"):  # as a run in another process holds it
+        line = input_error(capsys, "--out", str(tmp_path / "busy"), "--tasks", "count")
+    assert "is in use by another run (pid" in line
+    (tmp_path / "file").write_text("")
+    assert "cannot be written" in input_error(capsys, "--out", str(tmp_path / "file" / "out"), "--tasks", "count")
+
+
+def test_text_only_examples_are_refused_where_only_the_connector_trains(tmp_path, capsys):
+    write_task(tmp_path / "data" / "chat", [dict(record(0, "Say hi.", "hi"), image=None), record(1, "Color?", "red")])
+    flags = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    line = input_error(capsys, *flags, "--method", "eproj")
+    assert "--train connector (eproj's default) needs a picture in every example; task chat has 1 without" in line
+    assert "needs a picture" in input_error(capsys, *flags, "--train", "connector")
+
+
+def test_a_file_where_a_methods_out_would_go_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "ewc").write_text("")
+    line = input_error(capsys, "--out", str(tmp_path), "--method", "all", "--tasks", "count")
+    assert f"--out {tmp_path / 'ewc'} is a file" in line
+
+
+def test_a_checkpoint_that_does_not_read_back_ends_resume_in_one_line(tmp_path, cache, capsys, monkeypatch):
+    flags = ["--out", str(tmp_path / "out"), "--cache", str(cache), "--tasks", "count,ocr", "--steps", "2",
+             "--max-test", "4"]
+    train = interrupt_the_second_task(monkeypatch)
+    with pytest.raises(SystemExit):
+        cit.main(["--show", "0", *flags])
+    monkeypatch.setattr(cit, "train", train)
+    state = tmp_path / "out" / "checkpoint-1" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # cut short, as by a full disk
+    assert "checkpoint-1 does not read back" in input_error(capsys, *flags, "--resume")
+    progress = tmp_path / "out" / "progress.json"
+    progress.write_text(progress.read_text()[:50])
+    assert "progress.json:" in input_error(capsys, *flags, "--resume")
 
 
 def test_a_diverging_run_stops_in_one_line_at_its_first_non_finite_loss(tmp_path, capsys):
@@ -913,7 +958,7 @@ def test_similarity_init_starts_a_new_expert_from_the_nearest_earlier_one(tmp_pa
 @pytest.mark.parametrize("method", cit.ALL_METHODS)
 def test_every_method_runs_with_lora_and_saves_its_adapter(tmp_path, cache, method):
     results = run(tmp_path, cache, "--method", method, "--lora", "--tasks", "count,ocr", "--steps", "2",
-                  "--max-test", "4")
+                  "--max-test", "4", "--ewc-samples", "8")
     assert results["config"]["train"] == "lora" and len(results["matrix"]) == (1 if method == "joint" else 2)
     saved = json.loads((tmp_path / "out" / "model" / "adapter_config.json").read_text())
     assert saved["modules_to_save"] == ["model.multi_modal_projector"]
@@ -1238,6 +1283,28 @@ def test_a_family_that_needs_a_picture_refuses_text_only_examples_in_one_line(tm
     message = input_error(capsys, "--model", str(family_folder("blip2")), "--data", str(tmp_path / "data"),
                           "--out", str(tmp_path / "out"))  # its model puts query tokens before every prompt
     assert "Blip2ForConditionalGeneration needs a picture in every example; task chat has 2 without one" in message
+
+
+def test_an_encoder_decoder_language_model_is_refused_in_one_line(tmp_path, capsys):
+    tok = family_tokenizer(image_token=None)
+    qformer = transformers.Blip2QFormerConfig(vocab_size=len(tok), encoder_hidden_size=64, pad_token_id=0, **SIZE)
+    flan_t5 = transformers.T5Config(vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+                                    pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id)
+    config = transformers.Blip2Config(vision_config=transformers.Blip2VisionConfig(**VISION), qformer_config=qformer,
+                                      text_config=flan_t5, num_query_tokens=8,
+                                      image_token_index=tok.convert_tokens_to_ids("<image>"))
+    transformers.Blip2ForConditionalGeneration(config).save_pretrained(tmp_path / "blip2-t5")
+    transformers.Blip2Processor(transformers.BlipImageProcessorPil(size={"height": 32, "width": 32}), tok,
+                                num_query_tokens=8).save_pretrained(tmp_path / "blip2-t5")
+    line = input_error(capsys, "--model", str(tmp_path / "blip2-t5"), "--tasks", "count", "--out", str(tmp_path))
+    assert "its language model is an encoder-decoder" in line
+
+
+def test_a_model_without_a_separate_vision_encoder_is_told_what_it_lacks():
+    config = transformers.FuyuConfig(text_config=dict(model_type="persimmon", vocab_size=300, **SIZE), hidden_size=64,
+                                     patch_size=8, vocab_size=300)
+    with pytest.raises(cit.InputError, match="FuyuForCausalLM has no separate vision encoder"):
+        cit.model_parts(transformers.FuyuForCausalLM(config))
 
 
 # ---- several processes: torchrun on CPU (gloo), two processes against one with the same global batch
