@@ -241,7 +241,8 @@ def mean_embedding(model, processor, texts, device):
 #   after_task(state, model, examples)                 after a stage is trained
 #   answer(state, model, examples, task) -> answers    how a task's test questions are answered
 # `state` is the run's memory: the loop fills in "args", "processor", "device", "task" (the current stage's
-# index) and "report" (extra results for results.json); everything else a method keeps there between tasks.
+# index), "held_in" (tasks only scored) and "report" (extra results for results.json); everything else a method keeps
+# there between tasks.
 def one_stage_per_task(tasks, args):
     return [(name, task["train"], args.steps) for name, task in tasks.items()]
 
@@ -326,12 +327,14 @@ def run_sequence(model, tasks, hooks, state, rng, matrix):
     stages = hooks["stages"](tasks, state["args"])
     if not matrix:  # the base before any task: what each task scores untrained, for forward transfer
         state["report"]["zero_shot"] = evaluate_all(state, model, tasks, "before any task (the base)")
+        score_held_in(state, model, greedy_answers, first=len(tasks))
     for i, (name, examples, steps) in enumerate(stages[len(matrix):], start=len(matrix)):
         state["task"] = i
         hooks["before_task"](state, model, examples)
         train(model, examples, steps, state, rng, hooks, desc=f"task {i + 1}/{len(stages)}: {name}")
         hooks["after_task"](state, model, examples)
         matrix.append(evaluate_all(state, model, tasks, f"after {name}", hooks["answer"]))
+        score_held_in(state, model, hooks["answer"], first=len(tasks))
         save_checkpoint(state, model, rng, list(tasks), matrix)
     return [name for name, _, _ in stages], matrix
 
@@ -352,12 +355,13 @@ def generate(model, processor, examples, args, device):
     return [a.strip() for a in in_order(answers)]
 
 
-def evaluate_all(state, model, tasks, title, answer=greedy_answers):
-    """Score every task, seen or not, and print a few answers so the forgetting can be seen, not just counted."""
+def evaluate_all(state, model, tasks, title, answer=greedy_answers, first=0):
+    """Score every task, seen or not, and print a few answers so the forgetting can be seen, not just counted.
+    `first`: the index of the first task as the answer hook sees it (held-in tasks come after the continual ones)."""
     model.eval()
     scores = []
     print(f"\n{title}:")
-    for j, (name, task) in enumerate(tasks.items()):
+    for j, (name, task) in enumerate(tasks.items(), start=first):
         examples = task["test"]
         predictions = answer(state, model, examples, j)
         scores.append(score(task, predictions))
@@ -366,6 +370,17 @@ def evaluate_all(state, model, tasks, title, answer=greedy_answers):
             question = example["question"].splitlines()[0]
             print(f"      Q: {question}  A: {prediction!r}  (expected {example['answer']!r})")
     return scores
+
+
+def score_held_in(state, model, answer, first):
+    """The base's own held-in tasks (--held-in: InstructBLIP's instruction-tuning sets, say), scored in every row as
+    the paper's code does: never trained, out of the continual metrics; forgetting: best row's score minus last."""
+    if not state.get("held_in"):
+        return
+    held_in = state["report"].setdefault("held_in", {"tasks": list(state["held_in"]), "matrix": []})
+    held_in["matrix"].append(evaluate_all(state, model, state["held_in"], "  held-in tasks of the base", answer, first))
+    columns = list(zip(*held_in["matrix"]))
+    held_in["forgetting"] = sum(max(column) - column[-1] for column in columns) / len(columns)
 
 
 def score(task, predictions):
@@ -680,6 +695,7 @@ def run_method(args, tasks):
         return finished
     started, device, hooks = time.time(), pick_device(args.device), method_hooks(args)
     model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
+    state["held_in"] = held_in_tasks(args)  # part 2: --held-in, the tiny base's own by default
     check_pictures(model, tasks, args.train)
     rows, matrix = run_sequence(model, tasks, hooks, state, rng, matrix)
     zero_shot = state["report"]["zero_shot"]
@@ -687,11 +703,7 @@ def run_method(args, tasks):
                "fwt": forward_transfer(matrix, zero_shot), **state["report"],
                **bookkeeping(args, state, tasks, started)}
     save_run(args, state, model, results)
-    table = format_table([zero_shot, *matrix], ["(base)", *rows], list(tasks), "after \\ on")
-    print(f"\naccuracy matrix R (row: after training task i, the base first; column: score on task j)\n{table}")
-    fwt = "" if results["fwt"] is None else f"  fwt {results['fwt']:+.3f}"
-    print(f"\n{args.method}: average {results['average']:.3f}  forgetting {results['forgetting']:.3f}  "
-          f"bwt {results['bwt']:+.3f}{fwt}  ({results['wall_time_s']:.0f} s)  -> {args.out / 'results.json'}")
+    print_results(results, args.out)  # part 2: R with the base's row first, the held-in tasks', the metrics
     return results
 
 
@@ -830,6 +842,10 @@ def parse_args(argv=None):
     data.add_argument("--references", type=per_task(os.path.isfile, "no such file"), default={},
                       help="a task's answers from a file of its own, by question id, e.g. "
                            "textvqa=TextVQA_0.5.1_val.json (the official 10 answers per question)")
+    data.add_argument("--held-in", type=folder_list,
+                      help="task folders scored after every task but never trained: the base's own abilities, as "
+                           "InstructBLIP's held-in sets (default for the tiny model: its base's, in tiny_tasks/base; "
+                           "'none' for none)")
     data.add_argument("--max-length", type=number(int, above=0),
                       help="cut training records to this many tokens (default: the language model's limit)")
     model = parser.add_argument_group("model")
@@ -856,8 +872,9 @@ def parse_args(argv=None):
     optim.add_argument("--steps", type=number(int, above=0), default=200, help="training steps per task")
     optim.add_argument("--batch-size", type=number(int, above=0), default=16, help="examples per (micro-)batch")
     optim.add_argument("--grad-accum", type=number(int, above=0), default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--lr", type=number(float, above=0), default=1e-3,
-                       help="peak AdamW learning rate (about 2e-4 for real models)")
+    optim.add_argument("--lr", type=number(float, above=0), default=2e-4,
+                       help="peak AdamW learning rate (LLaVA's LoRA recipe uses 2e-4 too; about 2e-5 for a real "
+                            "model tuned whole)")
     optim.add_argument("--eval-batch-size", type=number(int, above=0), default=100, help="questions answered at once")
     optim.add_argument("--max-new-tokens", type=number(int, above=0),
                        help="longest answer generated (default: 16 for tiny, whose longest answer is 9 tokens; "
@@ -1020,6 +1037,10 @@ def check_inputs(args):
         if getattr(args, flag) and not args.analyze and args.method not in [method, "all"]:
             raise InputError(f"--{flag.replace('_', '-')} is a variant of {method}: use it with --method {method} "
                              "or all")
+    if args.held_in is None:  # the tiny base's own: those of its mixes that have a test split
+        mixes = BASE_MIXES[args.base] if args.model == "tiny" else []
+        args.held_in = [str(TINY_MIXES / mix) for mix in mixes if split_file(TINY_MIXES / mix, "test").is_file()]
+    held_in_tasks(args)  # read now, so that bad held-in data is found before training
     if args.analyze and len(args.tasks) < 2:
         raise InputError(f"--analyze pairs trains every pair of tasks: it needs two or more, got {args.tasks[0]}")
     runs = [args.out / f"seed{seed}" for seed in args.seeds] if args.seeds else [args.out]
@@ -1035,6 +1056,23 @@ def check_inputs(args):
             remove_checkpoints(out)
             for old in earlier:
                 old.unlink(missing_ok=True)
+    return tasks
+
+
+def folder_list(text):
+    return [] if text == "none" else [folder for folder in text.split(",") if folder]
+
+
+def held_in_tasks(args):
+    """--held-in's tasks, their scored split only, images found in each task's own folder."""
+    tasks = {}
+    for folder in map(Path, args.held_in):
+        if not folder.is_dir():
+            raise InputError(f"--held-in: no task folder {folder}")
+        if folder.name in tasks:
+            raise InputError(f"--held-in names two tasks {folder.name!r}")
+        test = load_split(folder.parent, folder.name, scored_split(folder, args.eval_split))
+        tasks[folder.name] = {"test": test[:args.max_test], "metric": metric_for(test)}
     return tasks
 
 
@@ -1218,11 +1256,13 @@ TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, nu
                  num_key_value_heads=4, max_position_embeddings=256)
 TINY_VOCAB_SIZE = 1024
 # How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because
-# nothing is pre-trained here), then for "instruct" a joint multi-task instruction-tuning stage whose mix keeps
-# the captions, as LLaVA-1.5's and InstructBLIP's mixes do, so that it adds to what alignment taught. The base
-# has its own seed: every run, whatever its --seed, starts from the same base, as runs of a real LMM do.
-TINY_BASE = dict(align_steps=1200, instruct_steps=400, batch_size=32, lr=1e-3, seed=0)
-BASE_MIXES = {"align": ["align"], "instruct": ["align", "instruct"]}  # folders of tiny_tasks/base per stage
+# nothing is pre-trained here), then for "instruct" joint multi-task instruction tuning on a broad mix (InstructBLIP's
+# held-in sets in miniature) that keeps the captions, as LLaVA-1.5's and InstructBLIP's mixes do. The base has its
+# own seed: every run, whatever its --seed, starts from the same base, as runs of a real LMM do.
+TINY_BASE = dict(align_steps=1200, instruct_steps=1200, batch_size=32, lr=1e-3, seed=0)
+TINY_MIXES = HERE / "tiny_tasks" / "base"  # a folder per task of the bases' mixes; those with a test split are held-in
+BASE_MIXES = {"align": ["describe"], "instruct": ["describe", "exists", "color", "shape_options", "background", "size",
+                                                  "side", "how_many", "side_color", "two_colors"]}
 # The two bases ship with the project (4 MB each), so every machine starts from the same weights; a base is built
 # again only when the recipe above changes (into --cache) or on request (--rebuild-base, into this folder).
 SHIPPED_BASES = HERE / "tiny_tasks" / "base" / "models"
@@ -1527,7 +1567,7 @@ def build_base(flavour, start, args, device):
         model, processor = LlavaForConditionalGeneration.from_pretrained(start), AutoProcessor.from_pretrained(start)
         freeze_vision_encoder(model)
     model.to(device)
-    examples = [e for mix in BASE_MIXES[flavour] for e in load_split(HERE / "tiny_tasks" / "base", mix, "train")]
+    examples = [e for mix in BASE_MIXES[flavour] for e in load_split(TINY_MIXES, mix, "train")]
     recipe = with_args(args, batch_size=TINY_BASE["batch_size"], lr=TINY_BASE["lr"], grad_accum=1)
     state = {"args": recipe, "processor": processor, "device": device}
     train(model, examples, TINY_BASE[f"{flavour}_steps"], state, random.Random(TINY_BASE["seed"]),
@@ -1767,7 +1807,7 @@ def base_recipe(flavour):
     recipe = {"vision": TINY_VISION, "text": TINY_TEXT, "vocab_size": TINY_VOCAB_SIZE, "stages": TINY_BASE,
               "mixes": {stage: BASE_MIXES[stage] for stage in stages}, "chat_template": TINY_CHAT_TEMPLATE,
               "tokenizer_text": hashlib.sha256("\n".join(tiny_corpus()).encode()).hexdigest(),
-              "data": {mix: files_digest(HERE / "tiny_tasks" / "base" / mix) for mix in BASE_MIXES[flavour]}}
+              "data": {mix: files_digest(TINY_MIXES / mix) for mix in BASE_MIXES[flavour]}}
     return {"key": hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12], "recipe": recipe}
 
 
@@ -1858,7 +1898,7 @@ def check_same_run(saved, args):
 
 
 # What the loop itself puts in a method's state; everything else is the method's memory, kept in checkpoints.
-LOOP_STATE = ["args", "processor", "device", "task"]
+LOOP_STATE = ["args", "processor", "device", "task", "held_in"]
 
 
 def save_checkpoint(state, model, rng, task_names, matrix):
@@ -2025,6 +2065,27 @@ def format_table(rows, row_names, column_names, corner, digits=2):
     return "\n".join(lines)
 
 
+def print_results(results, out):
+    rows, zero_shot = results["rows"], results["zero_shot"]
+    table = format_table([zero_shot, *results["matrix"]], ["(base)", *rows], results["tasks"], "after \\ on")
+    print(f"\naccuracy matrix R (row: after training task i, the base first; column: score on task j)\n{table}")
+    if "held_in" in results:
+        held_in = results["held_in"]
+        table = format_table(held_in["matrix"], ["(base)", *rows], held_in["tasks"], "after \\ held-in")
+        print(f"\nthe base's held-in tasks, never trained (forgetting {held_in['forgetting']:.3f})\n{table}")
+    fwt = "" if results["fwt"] is None else f"  fwt {results['fwt']:+.3f}"
+    print(f"\n{results['method']}: average {results['average']:.3f}  forgetting {results['forgetting']:.3f}  "
+          f"bwt {results['bwt']:+.3f}{fwt}  ({results['wall_time_s']:.0f} s)  -> {out / 'results.json'}")
+
+
+def with_held_in(results):
+    """The held-in tasks as more columns of the matrix a picture draws, marked with a *."""
+    if "held_in" not in results:
+        return {}
+    return {"tasks": [*results["tasks"], *(f"*{t}" for t in results["held_in"]["tasks"])],
+            "matrix": [row + held for row, held in zip(results["matrix"], results["held_in"]["matrix"])]}
+
+
 def compare(runs, out):
     """The methods side by side, over seeds: each metric's mean and standard deviation (summary.json; summary.md,
     also printed) and each method's mean accuracy matrix (summary.png). `runs` holds one list of results per seed."""
@@ -2035,22 +2096,29 @@ def compare(runs, out):
             "matrix": mean_matrix([r["matrix"] for r in results]),
             **{key: spread([r.get(key) for r in results])
                for key in ["average", "forgetting", "bwt", "fwt", "wall_time_s"]},
-            "diagonal": spread([diagonal_mean(r) for r in results])}
+            "diagonal": spread([diagonal_mean(r) for r in results]),
+            "held_in_forgetting": spread([r.get("held_in", {}).get("forgetting") for r in results])}
+        if "held_in" in results[0]:  # below the base's row, as the main matrix's rows
+            summary["methods"][results[0]["method"]]["held_in"] = {
+                "tasks": results[0]["held_in"]["tasks"],
+                "matrix": mean_matrix([r["held_in"]["matrix"][1:] for r in results])}
     if RANK > 0:  # under torchrun the first process writes
         return summary
     write_json(out / "summary.json", summary)
-    lines = ["| method | average | forgetting | bwt | fwt | mean of the diagonal | wall time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | average | forgetting | bwt | fwt | mean of the diagonal | held-in forgetting | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {method} | {show(m['average'])} | {show(m['forgetting'])} | {show(m['bwt'], '+.3f')} "
-              f"| {show(m['fwt'], '+.3f')} | {show(m['diagonal'])} | {show(m['wall_time_s'], '.0f')} |"
-              for method, m in summary["methods"].items()]
+              f"| {show(m['fwt'], '+.3f')} | {show(m['diagonal'])} | {show(m['held_in_forgetting'])} "
+              f"| {show(m['wall_time_s'], '.0f')} |" for method, m in summary["methods"].items()]
     seeds = f"mean ± sd over seeds {', '.join(map(str, summary['seeds']))}" if len(runs) > 1 else ""
     table = "\n".join(lines) + (f"\n\n({seeds})" if seeds else "")
     print(f"\n{table}")
     (out / "summary.md").write_text(table + "\n")
     means = [{"method": method, "average": m["average"]["mean"], "forgetting": m["forgetting"]["mean"],
-              **{key: m[key] for key in ["tasks", "rows", "matrix"]}} for method, m in summary["methods"].items()]
-    draw_matrices(means, out / "summary.png", seeds)
+              **{key: m[key] for key in ["tasks", "rows", "matrix", "held_in"] if key in m}}
+             for method, m in summary["methods"].items()]
+    held_in = "   *: the base's held-in tasks, never trained" if any("held_in" in m for m in means) else ""
+    draw_matrices([m | with_held_in(m) for m in means], out / "summary.png", seeds + held_in)
     return summary
 
 

@@ -376,6 +376,8 @@ def hand_made(method, seed, matrix, rows=("a", "b")):
 def test_seeds_are_summarized_by_mean_and_sample_sd(tmp_path):
     runs = [[hand_made("finetune", 0, [[0.8, 0.0], [0.2, 0.6]]), hand_made("joint", 0, [[0.7, 0.5]], ["joint"])],
             [hand_made("finetune", 1, [[1.0, 0.0], [0.4, 0.8]]), hand_made("joint", 1, [[0.9, 0.7]], ["joint"])]]
+    for results, (base, last) in zip([runs[0][0], runs[1][0]], [(0.9, 0.3), (0.9, 0.5)]):
+        results["held_in"] = {"tasks": ["h"], "matrix": [[base], [0.6], [last]], "forgetting": base - last}
     summary = cit.compare(runs, tmp_path)
     finetune, joint = summary["methods"]["finetune"], summary["methods"]["joint"]
     assert summary["seeds"] == [0, 1]
@@ -388,8 +390,10 @@ def test_seeds_are_summarized_by_mean_and_sample_sd(tmp_path):
     assert joint["diagonal"] == {"mean": None, "sd": None, "values": []}  # joint trains no task on its own
     assert json.loads((tmp_path / "summary.json").read_text())["methods"]["joint"]["average"]["mean"] == pytest.approx(0.7)
     table = (tmp_path / "summary.md").read_text()  # fwt: R[0][1] = 0 against the base's 0.1 on both seeds
-    assert "| finetune | 0.500 ± 0.141 | 0.600 ± 0.000 | -0.600 ± 0.000 | -0.100 ± 0.000 | 0.800 ± 0.141 | 10 ± 1 |" in table
-    assert "| joint | 0.700 ± 0.141 | 0.000 ± 0.000 | +0.000 ± 0.000 | - | - | 10 ± 1 |" in table
+    assert ("| finetune | 0.500 ± 0.141 | 0.600 ± 0.000 | -0.600 ± 0.000 | -0.100 ± 0.000 | 0.800 ± 0.141 "
+            "| 0.500 ± 0.141 | 10 ± 1 |") in table  # held-in forgetting: 0.6 and 0.4
+    assert "| joint | 0.700 ± 0.141 | 0.000 ± 0.000 | +0.000 ± 0.000 | - | - | - | 10 ± 1 |" in table
+    assert torch.allclose(torch.tensor(finetune["held_in"]["matrix"]), torch.tensor([[0.6], [0.4]]))  # as R's rows
     assert Image.open(tmp_path / "summary.png").size[0] > 2 * 100
 
 
@@ -656,8 +660,7 @@ def test_the_loop_calls_a_methods_hooks_in_order(tmp_path, cache, monkeypatch):
 
     def task(i):
         return [("before_task", i), *[("mix_batch", i), ("extra_loss", i), ("after_step", i)] * 2, ("after_task", i),
-                ("answer", i),
-                ("answer", i)]
+                *[("answer", i)] * 3]  # both tasks, then the align base's held-in captions
     assert calls == [("prepare", 0), *task(0), *task(1)]
     assert results["rows"] == ["count", "ocr"] and results["matrix"] == [[0.0, 0.0], [0.0, 0.0]]
 
@@ -674,6 +677,44 @@ def test_a_short_run_writes_results_whose_metrics_follow_from_its_matrix(tmp_pat
         cit.forward_transfer(saved["matrix"], saved["zero_shot"]))
     assert json.loads((tmp_path / "out" / "progress.json").read_text())["matrix"] == saved["matrix"]
     assert results["method"] == "finetune" and saved["config"]["steps"] == 3
+
+
+def test_the_bases_held_in_tasks_are_scored_in_every_row_and_never_trained(tmp_path, cache, capsys):
+    results = run(tmp_path, cache, "--base", "instruct", "--tasks", "count,ocr", "--steps", "2", "--max-test", "6")
+    held_in = results["held_in"]
+    assert held_in["tasks"] == ["describe", "exists", "color", "shape_options"]  # the instruct mix's scored tasks
+    assert results["tasks"] == ["count", "ocr"] and len(held_in["matrix"]) == 3  # the base's row, then one per task
+    columns = list(zip(*held_in["matrix"]))
+    assert held_in["forgetting"] == pytest.approx(sum(max(c) - c[-1] for c in columns) / len(columns))
+    assert held_in["matrix"][0][held_in["tasks"].index("color")] >= 0.9  # the base does its own task untuned
+    assert "the base's held-in tasks, never trained" in capsys.readouterr().out
+    assert run(tmp_path / "align", cache, "--tasks", "count", "--steps", "1", "--max-test", "4")["held_in"][
+        "tasks"] == ["describe"]  # the align base's own: its captions
+    assert "held_in" not in run(tmp_path / "none", cache, "--held-in", "none", "--tasks", "count", "--steps", "1",
+                                "--max-test", "4")
+
+
+def test_held_in_tasks_of_ones_own_need_only_a_test_split(tmp_path, cache, capsys):
+    write_task(tmp_path / "mine" / "colours", [record(0, "<image>\nWhat colour?", "red"),
+                                               record(1, "<image>\nWhat colour?", "blue")])
+    (tmp_path / "mine" / "colours" / "train.json").unlink()
+    results = run(tmp_path, cache, "--held-in", str(tmp_path / "mine" / "colours"), "--tasks", "count",
+                  "--steps", "1", "--max-test", "4")
+    assert results["held_in"]["tasks"] == ["colours"] and len(results["held_in"]["matrix"][0]) == 1
+    message = input_error(capsys, "--held-in", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out2"))
+    assert message == f"cit.py: --held-in: no task folder {tmp_path / 'nowhere'}"
+
+
+@full_only
+def test_the_tiny_world_is_regenerated_bit_for_bit(tmp_path):
+    sys.path.insert(0, str(cit.HERE / "tiny_tasks"))
+    import make_tiny_tasks
+    make_tiny_tasks.main(root=tmp_path)
+    data = lambda root: {p.relative_to(root): p for p in root.rglob("*") if p.is_file() and "models" not in p.parts
+                         and p.suffix in [".json", ".png"]}
+    made, shipped = data(tmp_path), data(cit.HERE / "tiny_tasks")
+    assert sorted(made) == sorted(shipped) and len(made) > 8000
+    assert all(made[p].read_bytes() == shipped[p].read_bytes() for p in made)
 
 
 def test_sequential_finetuning_forgets_and_joint_training_does_not(tmp_path, cache):

@@ -1,8 +1,9 @@
 """Regenerate the tiny tasks: python tiny_tasks/make_tiny_tasks.py
 
 Seven small vision-language tasks drawn with pillow, each standing in for one task type of the
-continual instruction tuning benchmark, plus the two disjoint mixes that the tiny base models are
-pre-trained on (base/align, base/instruct). Everything is written in LLaVA's conversation format,
+continual instruction tuning benchmark, plus the mixes the tiny bases are pre-trained on, a folder per task in
+base/ (describe: the alignment captions; the others: the instruction mix; those with a test split are the
+bases' held-in tasks). Everything is written in LLaVA's conversation format,
 image paths relative to the task folder. Deterministic: the same seed gives the same files.
 """
 import json
@@ -65,10 +66,10 @@ def one_shape(rng, quadrant=None, radius=None, background=BACKGROUND):
     return image, {"shape": shape, "color": color, "cx": cx, "cy": cy, "r": r}
 
 
-def two_shapes(rng):
+def two_shapes(rng, horizontal=None):
     """Two shapes of different kind and colour, side by side or one above the other."""
     shapes, colors = rng.sample(SHAPES, 2), rng.sample(list(COLORS), 2)
-    horizontal = rng.random() < 0.5
+    horizontal = rng.random() < 0.5 if horizontal is None else horizontal
     a, b = rng.randint(8, 9), rng.randint(23, 24)
     other = [rng.randint(8, 23), rng.randint(8, 23)]
     centers = [(a, other[0]), (b, other[1])] if horizontal else [(other[0], a), (other[1], b)]
@@ -98,58 +99,81 @@ def dots_image(rng, count, color):
 
 
 # ---- the seven continual tasks: each returns (image, question, answer) ----
+# Real tasks vary their questions and are phrased several ways; several share an answer format or a kind of picture.
+# So here: every task has several phrasings, vqa's questions ask for another attribute of another shape each time,
+# classify, grounding and mcq ask about the same single shapes, caption and vqa about the same pairs of shapes, ocr
+# and mcq both answer with a capital letter, classify and vqa both with a shape's name.
+
+def ask(rng, phrasings, **fields):
+    return rng.choice(phrasings).format(**fields)
+
 
 def caption(rng):
     image, shapes, colors, horizontal = two_shapes(rng)
-    relation = ("left of", "right of") if horizontal else ("above", "below")
-    first = rng.randint(0, 1)
-    answer = (f"a {colors[first]} {shapes[first]} {relation[first]} "
-              f"a {colors[1 - first]} {shapes[1 - first]}")
-    return image, "Write a short caption for the picture.", answer
+    # the left or upper shape first: one reference per picture, so the picture alone decides the caption
+    answer = f"a {colors[0]} {shapes[0]} {'left of' if horizontal else 'above'} a {colors[1]} {shapes[1]}"
+    return image, ask(rng, ["Write a short caption for the picture.", "Caption this image.",
+                            "What is in the picture? Answer in one sentence."]), answer
 
 
 def classify(rng):
     image, drawn = one_shape(rng)
-    return image, "What kind of object is this?", drawn["shape"]
+    return image, ask(rng, ["What kind of object is this?", "What shape is shown?", "Name the shape in the image."]), \
+        drawn["shape"]
 
 
 def vqa(rng):
+    """Questions about one of two shapes, the colour or the kind of the one on a side: the question must be read."""
     image, shapes, colors, horizontal = two_shapes(rng)
     i = rng.randint(0, 1)
     where = (("left", "right") if horizontal else ("top", "bottom"))[i]
-    return image, f"What color is the shape on the {where}?", colors[i]
+    if rng.random() < 0.5:
+        return image, ask(rng, ["What color is the shape on the {w}?", "Which color does the {w} shape have?"],
+                          w=where), colors[i]
+    return image, ask(rng, ["What shape is on the {w}?", "Which kind of shape is at the {w}?"], w=where), shapes[i]
 
 
 def count(rng):
     n = rng.randint(1, 5)
-    return dots_image(rng, n, rng.choice(list(COLORS))), "How many dots are there?", str(n)
+    return dots_image(rng, n, rng.choice(list(COLORS))), ask(rng, ["How many dots are there?", "Count the dots.",
+                                                                   "How many dots can you see?"]), str(n)
 
 
 def ocr(rng):
     letter = rng.choice(LETTERS)
-    return letter_image(rng, letter, rng.choice(list(COLORS))), "What letter is written here?", letter
+    return letter_image(rng, letter, rng.choice(list(COLORS))), ask(rng, ["What letter is written here?",
+                                                                         "Read the letter in the image.",
+                                                                         "Which letter is shown?"]), letter
 
 
 def grounding(rng):
     quadrant = rng.choice(QUADRANTS)
     image, drawn = one_shape(rng, quadrant=quadrant)
-    return image, f"Where is the {drawn['shape']}?", quadrant
+    return image, ask(rng, ["Where is the {s}?", "In which part of the image is the {s}?", "Locate the {s}."],
+                      s=drawn["shape"]), quadrant
 
 
 def mcq(rng):
-    """The options come in a fixed order, so the task teaches the answer format rather than reading."""
+    """The options come in a fixed order, so the task teaches the answer format; the phrasing varies."""
     image, drawn = one_shape(rng)
     lines = "\n".join(f"{label}. {color}" for label, color in zip("ABCDEF", COLORS))
-    question = f"Which color is the object?\n{lines}\nAnswer with the option's letter."
+    question = ask(rng, ["Which color is the object?", "What is the color of the shape?"]) + \
+        f"\n{lines}\nAnswer with the option's letter."
     return image, question, "ABCDEF"[list(COLORS).index(drawn["color"])]
 
 
 TASKS = [caption, classify, vqa, count, ocr, grounding, mcq]
 
 
-# ---- the base mixes, disjoint from the tasks above ----
+# ---- the base mixes ----
+# align: generic captions of every kind of picture, LLaVA's stage-1 data in miniature.
+# instruct: a broad multi-task instruction mix, as InstructBLIP's held-in sets and LLaVA-1.5's mix: many task types,
+# phrased several ways, in every answer format the continual tasks use (a word, a digit, a letter among options,
+# yes/no, a phrase, a location). Some are like continual tasks (held-in-like: part of vqa's questions, counting a
+# few dots, lettered options as mcq's, describing as captioning), some continual tasks are like nothing in it
+# (held-out-like: reading letters, naming shapes, quadrants).
 
-def align(rng):
+def describe(rng):
     """Generic captions of every kind of picture: the tiny stand-in for LLaVA's stage-1 data."""
     kind = rng.choice(["shape", "two", "letter", "dots"])
     if kind == "two":
@@ -167,24 +191,83 @@ def align(rng):
     return dots_image(rng, n, color), DESCRIBE, f"{n} {color} dot{'s' if n > 1 else ''}"
 
 
-def instruct(rng):
-    """A multi-task instruction mix with four answer formats (yes/no, colour, size, side)."""
-    kind = rng.choice(["exists", "background", "size", "side"])
-    if kind == "exists":
-        image, d = one_shape(rng)
-        asked = d["shape"] if rng.random() < 0.5 else rng.choice(SHAPES)
-        return image, f"Is there a {asked}? Answer yes or no.", "yes" if asked == d["shape"] else "no"
-    if kind == "background":
-        name = rng.choice(["red", "green", "blue", "yellow"])
-        background = tuple(c // 3 for c in COLORS[name])
-        image, _ = one_shape(rng, background=background)
-        return image, "What color is the background?", name
-    if kind == "size":
-        image, d = one_shape(rng, radius=rng.choice([5, 10]))
-        return image, "Is the object big or small?", "big" if d["r"] == 10 else "small"
-    side = rng.choice(["left", "right"])
-    image = letter_image(rng, rng.choice(LETTERS), rng.choice(list(COLORS)), cx=9 if side == "left" else 23)
-    return image, "Is the letter on the left or the right?", side
+def exists(rng):
+    """A shape or a letter: is there text?"""
+    text = rng.random() < 0.5
+    image = letter_image(rng, rng.choice(LETTERS), rng.choice(list(COLORS))) if text else one_shape(rng)[0]
+    return image, ask(rng, ["Is there any text in the image? Answer yes or no.", "Does the picture contain writing?",
+                            "Is something written here?"]), "yes" if text else "no"
+
+
+def color(rng):
+    image, d = one_shape(rng)
+    return image, ask(rng, ["What color is the shape?", "What is the color of the object?", "Which color is it?"]), \
+        d["color"]
+
+
+def shape_options(rng):
+    image, d = one_shape(rng)
+    lines = "\n".join(f"{label}. {shape}" for label, shape in zip("ABCDEF", SHAPES))
+    question = ask(rng, ["Which shape is this?", "What kind of shape is shown?"]) + \
+        f"\n{lines}\nAnswer with the option's letter."
+    return image, question, "ABCDEF"[SHAPES.index(d["shape"])]
+
+
+def background(rng):
+    name = rng.choice(["red", "green", "blue", "yellow"])
+    image, _ = one_shape(rng, background=tuple(c // 3 for c in COLORS[name]))
+    return image, ask(rng, ["What color is the background?", "Which color is behind the object?"]), name
+
+
+def size(rng):
+    image, d = one_shape(rng, radius=rng.choice([5, 10]))
+    return image, ask(rng, ["Is the object big or small?", "Is the shape large or small?"]), \
+        "big" if d["r"] == 10 else "small"
+
+
+def side(rng):
+    right = rng.random() < 0.5
+    image, d = one_shape(rng, quadrant=rng.choice(["top right", "bottom right"] if right else
+                                                   ["top left", "bottom left"]))
+    return image, ask(rng, ["Is the object on the left or the right?", "On which side is the shape?"]), \
+        "right" if right else "left"
+
+
+def how_many(rng):
+    """A few dots (up to three) or small shapes (up to four), counted: VQAv2's "how many" questions, held in."""
+    if rng.random() < 0.5:
+        n = rng.randint(1, 3)
+        return dots_image(rng, n, rng.choice(list(COLORS))), ask(rng, ["How many dots are in the image?",
+                                                                       "Count the dots in the picture."]), str(n)
+    n = rng.randint(1, 4)
+    image, draw = canvas()
+    centers = []
+    while len(centers) < n:
+        c = (rng.randint(5, SIZE - 6), rng.randint(5, SIZE - 6))
+        if all(abs(c[0] - x) > 9 or abs(c[1] - y) > 9 for x, y in centers):
+            centers.append(c)
+    for cx, cy in centers:
+        draw_shape(draw, rng.choice(SHAPES), jitter(COLORS[rng.choice(list(COLORS))], rng), cx, cy, 4)
+    return image, ask(rng, ["How many shapes are there?", "How many objects can you see?"]), str(n)
+
+
+def side_color(rng):
+    """Two shapes side by side, the colour of one: some of vqa's questions, as VQAv2 is in InstructBLIP's mix."""
+    image, shapes, colors, horizontal = two_shapes(rng, horizontal=True)
+    i = rng.randint(0, 1)
+    return image, ask(rng, ["What is the color of the {w} shape?", "Tell me the color of the shape on the {w}."],
+                      w=["left", "right"][i]), colors[i]
+
+
+def two_colors(rng):
+    image, shapes, colors, _ = two_shapes(rng)
+    return image, ask(rng, ["Which two colors are in the picture?", "Name the colors of the two shapes."]), \
+        f"{colors[0]} and {colors[1]}"
+
+
+# the instruct mix; those with a test split are the base's held-in tasks, scored after every continual task
+INSTRUCT = [exists, color, shape_options, background, size, side, how_many, side_color, two_colors]
+HELD_IN = [describe, exists, color, shape_options]
 
 
 def write_split(folder, name, make, n, rng):
@@ -198,20 +281,21 @@ def write_split(folder, name, make, n, rng):
     (folder / f"{name}.json").write_text(json.dumps(records, indent=1))
 
 
+def write_task(folder, make, seed, train, test):
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "images").mkdir(parents=True)
+    rng = random.Random(f"{seed}-{make.__name__}")
+    write_split(folder, "train", make, train, rng)
+    if test:
+        write_split(folder, "test", make, test, rng)
+
+
 def main(root=Path(__file__).parent, seed=0, train=300, test=100):
     for make in TASKS:
-        folder = root / make.__name__
-        shutil.rmtree(folder, ignore_errors=True)
-        (folder / "images").mkdir(parents=True)
-        rng = random.Random(f"{seed}-{make.__name__}")
-        write_split(folder, "train", make, train, rng)
-        write_split(folder, "test", make, test, rng)
-    for name, make, n in [("align", align, 2000), ("instruct", instruct, 1200)]:
-        folder = root / "base" / name
-        shutil.rmtree(folder, ignore_errors=True)
-        (folder / "images").mkdir(parents=True)
-        rng = random.Random(f"{seed}-{name}")
-        write_split(folder, "train", make, n, rng)
+        write_task(root / make.__name__, make, seed, train, test)
+    write_task(root / "base" / "describe", describe, seed, 2000, 50)
+    for make in INSTRUCT:
+        write_task(root / "base" / make.__name__, make, seed, 300, 50 if make in HELD_IN else 0)
 
 
 if __name__ == "__main__":
