@@ -86,14 +86,19 @@ def letter_image(rng, letter, color, cx=None, background=BACKGROUND):
     return image
 
 
-def dots_image(rng, count, color):
-    image, draw = canvas()
+def spread_out(rng, count, margin, gap):
+    """`count` random centres at least `margin` from the border and more than `gap` apart on some axis."""
     centers = []
     while len(centers) < count:
-        c = (rng.randint(4, SIZE - 5), rng.randint(4, SIZE - 5))
-        if all(abs(c[0] - x) > 7 or abs(c[1] - y) > 7 for x, y in centers):
+        c = (rng.randint(margin, SIZE - margin - 1), rng.randint(margin, SIZE - margin - 1))
+        if all(abs(c[0] - x) > gap or abs(c[1] - y) > gap for x, y in centers):
             centers.append(c)
-    for cx, cy in centers:
+    return centers
+
+
+def dots_image(rng, count, color):
+    image, draw = canvas()
+    for cx, cy in spread_out(rng, count, margin=4, gap=7):
         draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=jitter(COLORS[color], rng))
     return image
 
@@ -241,12 +246,7 @@ def how_many(rng):
                                                                        "Count the dots in the picture."]), str(n)
     n = rng.randint(1, 4)
     image, draw = canvas()
-    centers = []
-    while len(centers) < n:
-        c = (rng.randint(5, SIZE - 6), rng.randint(5, SIZE - 6))
-        if all(abs(c[0] - x) > 9 or abs(c[1] - y) > 9 for x, y in centers):
-            centers.append(c)
-    for cx, cy in centers:
+    for cx, cy in spread_out(rng, n, margin=5, gap=9):
         draw_shape(draw, rng.choice(SHAPES), jitter(COLORS[rng.choice(list(COLORS))], rng), cx, cy, 4)
     return image, ask(rng, ["How many shapes are there?", "How many objects can you see?"]), str(n)
 
