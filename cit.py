@@ -13,12 +13,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from peft import get_peft_model
-from PIL import Image
-from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
+try:
+    import torch
+    import torch.nn.functional as F
+    from peft import get_peft_model
+    from PIL import Image
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+except ImportError as missing:  # a package of requirements.txt: one line saying so, not a traceback
+    raise SystemExit(f"cit.py needs {missing.name or missing}, which is not installed here: "
+                     "pip install -r requirements.txt") from None
 
 HERE = Path(__file__).resolve().parent
 # Under torchrun, this process's place among the processes (set up in part 2, "several processes"); else 0 of 1.
@@ -682,6 +686,8 @@ def main(argv=None):
     """python cit.py --method ewc: the flags, the tasks, one continual run of the method."""
     args = parse_args(argv)
     with command_line(args):  # part 2: one-line errors, torchrun's processes, --profile, --rebuild-base
+        if args.plan:
+            return plan(args)  # part 2: what the run would train and need, from the model's config alone
         tasks = check_inputs(args)
         if args.seeds or args.analyze or args.method == "all":
             return several_runs(args, tasks)  # part 2: --seeds, --method all, --analyze pairs
@@ -696,7 +702,7 @@ def run_method(args, tasks):
     started, device, hooks = time.time(), pick_device(args.device), method_hooks(args)
     model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
     state["held_in"] = held_in_tasks(args)  # part 2: --held-in, the tiny base's own by default
-    check_pictures(model, tasks, args.train)
+    check_for_model(model, state["processor"], tasks, args)  # part 2: what only the loaded model can tell
     rows, matrix = run_sequence(model, tasks, hooks, state, rng, matrix)
     zero_shot = state["report"]["zero_shot"]
     results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
@@ -730,7 +736,7 @@ from PIL import ImageDraw, ImageFont
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (AutoModelForImageTextToText, AutoProcessor, BatchFeature, CLIPImageProcessorPil,
+from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, BatchFeature, CLIPImageProcessorPil,
                           CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           PreTrainedTokenizerFast)
 from transformers.utils.logging import disable_progress_bar
@@ -772,6 +778,17 @@ def per_task(accept, problem):
             raise argparse.ArgumentTypeError(f"{', '.join(wrong)}: {problem}")
         return values
     return parse
+
+
+def number_list(text):
+    """Comma-separated positive numbers, e.g. --gpu-memory 24,80."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 MAX_SEED = 2 ** 32 - 1  # what every generator a run seeds (Python's, torch's, a method's own) takes
@@ -816,6 +833,11 @@ def parse_args(argv=None):
                           "with its share of the CPU threads")
     run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
     run.add_argument("--show", type=int, default=1, help="sample answers printed per task after each task")
+    run.add_argument("--plan", action="store_true",
+                     help="instead of a run: from the model's config alone (no weights), what each method would "
+                          "train and how much memory one process needs; writes <out>/plan.json")
+    run.add_argument("--gpu-memory", type=number_list, default=[24.0, 40.0, 80.0],
+                     help="--plan: say what fits on GPUs of these sizes, in GB")
     run.add_argument("--analyze", choices=["pairs"],
                      help="instead of a run: fine-tune every pair of tasks (A, then B) and relate the forgetting "
                           "to the tasks' similarity; writes <out>/pairs.json and pairs.png")
@@ -907,7 +929,7 @@ def parse_args(argv=None):
         parser.error("argument --jobs: --profile and torchrun time and share one process; run them with --jobs 1")
     if args.analyze and args.resume:
         parser.error("argument --resume: an analysis has no checkpoints; it starts over with --overwrite")
-    args.out = Path(args.out or f"runs/{args.analyze or args.method}")
+    args.out = Path(args.out or f"runs/{'plan' if args.plan else args.analyze or args.method}")
     if args.method != "all":  # with all, each method gets its own default (several_runs)
         args.train = args.train or default_training(args.model, "finetune" if args.analyze else args.method)
     if args.max_new_tokens is None:
@@ -1041,6 +1063,11 @@ def check_inputs(args):
         mixes = BASE_MIXES[args.base] if args.model == "tiny" else []
         args.held_in = [str(TINY_MIXES / mix) for mix in mixes if split_file(TINY_MIXES / mix, "test").is_file()]
     held_in_tasks(args)  # read now, so that bad held-in data is found before training
+    check_images(tasks)
+    for name, task in tasks.items():
+        not_a_box = next((r for e in task["test"] for r in e["references"] if not box(r)), None)
+        if task["metric"] == "iou" and not_a_box is not None:
+            raise InputError(f"task {name} is scored by iou, but its answer {not_a_box!r} is not a box [x1, y1, x2, y2]")
     if args.analyze and len(args.tasks) < 2:
         raise InputError(f"--analyze pairs trains every pair of tasks: it needs two or more, got {args.tasks[0]}")
     runs = [args.out / f"seed{seed}" for seed in args.seeds] if args.seeds else [args.out]
@@ -1057,6 +1084,18 @@ def check_inputs(args):
             for old in earlier:
                 old.unlink(missing_ok=True)
     return tasks
+
+
+def check_images(tasks):
+    """Every picture the run will read opens as an image (its header and, for PNG, every chunk: no pixel decoded), so
+    that a broken file in the last task's data is found before the first task trains."""
+    for path in sorted({e["image"] for task in tasks.values() for split in ["train", "test"] for e in task[split]
+                        if e["image"]}):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise InputError(f"{path}: not a readable image ({error})") from None
 
 
 def folder_list(text):
@@ -1276,7 +1315,7 @@ TINY_CHAT_TEMPLATE = (
 # A family whose processor has no chat template gets prompts as its model card writes them: BLIP-2 "Question: ...
 # Answer:", InstructBLIP the bare instruction (their processors put the query tokens in front), PaliGemma the
 # prompt after its image (its processor adds <bos> after the image and "\n" after the prompt, and joins the answer
-# itself). Any other family without one gets LLaVA-1.5's. (transformers renders templates with trim_blocks, which
+# itself). Any other family without one gets LLaVA-1.5's (llava_template). (transformers renders templates with trim_blocks, which
 # drops a newline written right after a tag: hence {{ '\n' }}.)
 TURN_TEXT = "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
 CARD_TEMPLATES = {
@@ -1290,6 +1329,13 @@ CARD_TEMPLATES = {
 }
 
 
+def llava_template(processor):
+    """LLaVA-1.5's prompt, for a family without a template of its own: with its processor's image token and its
+    tokenizer's end token in place of LLaVA's <image> and </s>."""
+    image = str(getattr(processor, "image_token", None) or "<image>")
+    return TINY_CHAT_TEMPLATE.replace("<image>", image).replace("</s>", "{{ eos_token }}")
+
+
 def base_model(args, device):
     """The model load_model starts from, at --dtype: the tiny base, or any image-text-to-text model of transformers;
     prompts its model card's way where its processor has no chat template; --max-length as the tokenizer's limit."""
@@ -1300,16 +1346,20 @@ def base_model(args, device):
     else:
         model, processor = load_pretrained(args.model, args, dtype)
     if processor.chat_template is None:
-        processor.chat_template = CARD_TEMPLATES.get(model.config.model_type, TINY_CHAT_TEMPLATE)
-    if getattr(model.config.get_text_config(), "is_encoder_decoder", False):  # Flan-T5 BLIP-2s, Florence-2
-        raise InputError(f"--model {args.model}: its language model is an encoder-decoder; cit.py tunes decoder-only "
-                         "ones (its labels, masks and generation read one sequence)")
+        processor.chat_template = CARD_TEMPLATES.get(model.config.model_type) or llava_template(processor)
+    refuse_encoder_decoder(model, args.model)
     mend_blip_image_token(processor)
     # Training records longer than this are cut (--max-length; by default the language model's own limit).
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     processor.tokenizer.model_max_length = args.max_length or min(processor.tokenizer.model_max_length,
                                                                   limit or math.inf)
     return model, processor
+
+
+def refuse_encoder_decoder(model, name):
+    if getattr(model.config.get_text_config(), "is_encoder_decoder", False):  # Flan-T5 BLIP-2s, Florence-2
+        raise InputError(f"--model {name}: its language model is an encoder-decoder; cit.py tunes decoder-only "
+                         "ones (its labels, masks and generation read one sequence)")
 
 
 def load_pretrained(name, args, dtype):
@@ -1377,7 +1427,8 @@ def model_parts(model):
     """An LMM's parts, found by what they are, whatever a family calls them: the vision encoder and the language
     model are what transformers' get_encoder("image") and get_decoder() give; the connector is every weight outside
     both and the output head (a projector, a Q-Former with its query tokens, an image-newline vector), or, where a
-    family keeps it inside the vision encoder (Qwen-VL's merger), that encoder's last part with weights.
+    family keeps it inside the vision encoder, what has weights after that encoder's stack of layers (Qwen-VL's
+    merger; Qwen3-VL's DeepStack mergers too, which feed image features into the language model's early layers).
     Returns module names: "vision", "language", "head", and "connector" (names of its parameters)."""
     names = {id(module): name for name, module in model.named_modules()}
     vision, language, head = model.get_encoder("image"), model.get_decoder(), model.get_output_embeddings()
@@ -1388,11 +1439,19 @@ def model_parts(model):
     if missing or head is None:
         raise InputError(f"{type(model).__name__} has no {' or '.join(missing) or 'output head'} that transformers "
                          "can point to: is it an image-text-to-text model?")
+    if not hasattr(model, "get_image_features"):
+        raise InputError(f"{type(model).__name__} gives no image features as tokens for its language model (Llama 3.2 "
+                         "Vision reads them through cross-attention layers): cit.py's connector, eproj's routing, "
+                         "TIR and the pair study work on those tokens")
     parts = {"vision": names[id(vision)], "language": names[id(language)], "head": names[id(head)]}
     connector = [n for n, _ in model.named_parameters() if not any(inside(n, parts[p]) for p in parts)]
-    if not connector:
-        last = [child for child, module in vision.named_children() if any(True for _ in module.parameters())][-1]
-        connector = [n for n, _ in model.named_parameters() if inside(n, f"{parts['vision']}.{last}")]
+    if not connector:  # inside the vision encoder: what has weights after its stack of layers (its largest list)
+        children = list(vision.named_children())
+        stack = max((i for i, (_, module) in enumerate(children) if isinstance(module, torch.nn.ModuleList)),
+                    key=lambda i: sum(p.numel() for p in children[i][1].parameters()))
+        after = [f"{parts['vision']}.{child}" for child, module in children[stack + 1:]
+                 if any(True for _ in module.parameters())]
+        connector = [n for n, _ in model.named_parameters() if any(inside(n, module) for module in after)]
     return parts | {"connector": connector}
 
 
@@ -1422,8 +1481,9 @@ def whole_modules(model, parameters):
     """The largest modules that hold nothing but these parameters: what peft can keep a trainable copy of."""
     chosen = set(parameters)
 
-    def whole(module):
-        return all(f"{module}.{name}" in chosen for name, _ in model.get_submodule(module).named_parameters())
+    def whole(module):  # peft copies a module, not a list of them (Qwen3-VL's DeepStack mergers): their items
+        return not isinstance(model.get_submodule(module), torch.nn.ModuleList) and all(
+            f"{module}.{name}" in chosen for name, _ in model.get_submodule(module).named_parameters())
     owners = set()
     for name in parameters:  # its enclosing modules, outermost first; a bare weight's may hold other things too
         enclosing = [name.rsplit(".", k)[0] for k in range(name.count("."), 0, -1)]
@@ -1480,13 +1540,20 @@ def encode_with_suffix(processor, example, images):
     return cut_to_length(dict(encoding), processor, example)
 
 
-def check_pictures(model, tasks, train):
-    """Text-only examples where they cannot be taken, said in one line before any training, naming the task: a model
-    whose forward requires pixels (BLIP-2 and InstructBLIP put their query tokens before every prompt), or a run
-    where only the connector trains (--train connector, eproj's default), which a text-only batch never reaches."""
+def check_for_model(model, processor, tasks, args):
+    """What only the loaded model can tell, said in one line before any training. With --max-length, every training
+    record is encoded now (encodings are kept for the run anyway): a cut into an image's tokens is refused here, not
+    when a batch first draws the record, and records_cut counts them all. And text-only examples where they cannot
+    be taken, naming the task: a model whose forward requires pixels (BLIP-2 and InstructBLIP put their query tokens
+    before every prompt), or a run where only the connector trains (--train connector, eproj's default), which a
+    text-only batch never reaches."""
+    if args.max_length:
+        for task in tasks.values():
+            for example in task["train"]:
+                encoded(processor, example)
     model = getattr(model, "get_base_model", lambda: model)()  # under peft, the model it wraps
     needs = inspect.signature(model.forward).parameters["pixel_values"].default is inspect.Parameter.empty
-    if not needs and train != "connector":
+    if not needs and args.train != "connector":
         return
     for name, task in tasks.items():
         bare = [e for e in task["train"] + (task["test"] if needs else []) if not e["image"]]
@@ -1775,13 +1842,17 @@ CUT = weakref.WeakKeyDictionary()  # processor -> the training records cut to --
 
 def cut_to_length(encoding, processor, example):
     """An encoding cut to the tokenizer's model_max_length (--max-length), as LLaVA cuts its training records;
-    refused where the cut would split the image's tokens. The first cut of a run says so; results.json counts."""
+    refused where the cut would split the image's tokens or leave no answer. The first cut of a run says so;
+    results.json counts them."""
     limit, length = processor.tokenizer.model_max_length, encoding["input_ids"].shape[1]
     if length <= limit:
         return encoding
     image_token = getattr(processor, "image_token_id", None)
     if image_token is not None and (encoding["input_ids"][0, limit:] == image_token).any():
         raise InputError(f"--max-length {limit} cuts into the image's tokens of a record with question "
+                         f"{example['question'][:60]!r}: raise it")
+    if "labels" in encoding and not (encoding["labels"][0, 1:limit] != -100).any():  # nothing left to learn
+        raise InputError(f"--max-length {limit} cuts off the whole answer of a record with question "
                          f"{example['question'][:60]!r}: raise it")
     if not CUT.get(processor):
         tqdm.write(f"cit.py: a training record of {length} tokens is cut to --max-length {limit}, as are any "
@@ -2426,6 +2497,155 @@ def draw_pairs(report, path, cell=36):
     draw.text((frame[0], frame[3] + 20), f"forgetting {span[1][0]:.2f} .. {span[1][1]:.2f} (bottom to top)",
               fill="black", font=font)
     picture.save(path)
+
+
+# ---------------------------------------------------------------- --plan: what a run would train and need
+# From the model's config alone: the model is built on the meta device (shapes, no weights), its parts are found and
+# what trains is chosen as a run would (load_model, TRAINING), and one process's memory is added up item by item.
+# The weights, gradients, AdamW's moments and the methods' own copies are counted exactly; the activations are an
+# estimate (plan_activations), checked in the README against what runs here measure.
+PLAN_TOKENS = 2048  # tokens per training example where --max-length does not say (LLaVA's and CoIN's limit)
+PLAN_HEADROOM = 0.9  # the share of a GPU's memory a run may plan on: CUDA's context and the allocator take the rest
+
+
+def plan(args):
+    """--plan: for each method of the run, the weights by part, what trains, and one process's memory by item;
+    what fits on each --gpu-memory, or which flags would make it fit. Printed, and written to <out>/plan.json."""
+    dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: a GPU's bfloat16
+    tasks = args.tasks or default_task_names(Path(args.data))
+    methods = ALL_METHODS if args.method == "all" else [args.method]
+    model = meta_model(args, dtype)
+    parts = model_parts(model)
+    counts = {part: sum(p.numel() for n, p in model.named_parameters() if inside(n, parts[part])
+                        and n not in parts["connector"]) for part in ["vision", "language", "head"]}
+    counts |= {"connector": sum(p.numel() for n, p in model.named_parameters() if n in parts["connector"]),
+               "total": sum(p.numel() for p in model.parameters())}
+    # what each --train makes of the model: its weights' bytes, the number that train and their bytes (peft keeps
+    # LoRA's adapters in float32 on a bfloat16 model)
+    shapes = {}
+    for train in TRAINING:
+        with torch.device("meta"):  # LoRA's adapters are made on the meta device too
+            trained = TRAINING[train]({"args": args}, meta_model(args, dtype))
+        shapes[train] = (sum(p.numel() * p.element_size() for p in trained.parameters()),
+                         sum(p.numel() for p in trainable(trained).values()),
+                         sum(p.numel() * p.element_size() for p in trainable(trained).values()))
+    report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "weights": counts,
+              "tokens_per_example": args.max_length or PLAN_TOKENS, "batch_size": args.batch_size,
+              "grad_accum": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing,
+              "tasks": len(tasks), "methods": {}}
+    for method in methods:
+        train = args.train or default_training(args.model, method)
+        memory = plan_memory(model, args, method, train, shapes, len(tasks), dtype)
+        total = sum(memory.values())
+        report["methods"][method] = {
+            "train": train, "trainable": shapes[train][1], "memory_gb": {k: v / 2 ** 30 for k, v in memory.items()},
+            "total_gb": total / 2 ** 30,
+            # torchrun: the same memory in every process, plus DDP's buckets, a second copy of the gradients
+            "torchrun_total_gb": (total + memory["gradients"]) / 2 ** 30,
+            "fits": {f"{gb:g}": fitting(model, args, method, train, shapes, len(tasks), dtype, gb)
+                     for gb in args.gpu_memory}}
+    write_json(args.out / "plan.json", report)
+    print_plan(report)
+    return report
+
+
+def meta_model(args, dtype):
+    """The run's model without weights: built from its config on the meta device, its vision encoder frozen."""
+    name = str(SHIPPED_BASES / args.base) if args.model == "tiny" else args.model
+    with model_loading_errors(args.model):
+        config = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype,
+                                                            trust_remote_code=args.trust_remote_code)
+    refuse_encoder_decoder(model, args.model)
+    freeze_vision_encoder(model)
+    return model
+
+
+def plan_memory(model, args, method, train, shapes, tasks, dtype):
+    """One process's memory in bytes, by item, for a run of `method` with `train` training."""
+    weights, n, trained = shapes[train]
+    memory = {"weights": weights, "gradients": trained, "optimizer": 2 * trained,  # AdamW: two moments a weight
+              "method": method_bytes(args, method, n, trained, tasks)}
+    return memory | plan_activations(model, args, dtype.itemsize)
+
+
+def method_bytes(args, method, n, trained, tasks):
+    """What a method keeps beside the model: copies of the n trainable weights (`trained` bytes each copy), and
+    float32 importances (replay's buffer holds examples, not weights)."""
+    if method == "ewc":
+        # importance and anchor; the penalty's graph keeps each weight's distance from the anchor
+        # TIR: also the base's weights, the merged importance and a byte for each weight's owner
+        return 4 * n + 2 * trained + (trained + 4 * n + n if args.tir else 0)
+    if method == "lwf":
+        return trained  # the weights before the task, which the model is run with to teach itself
+    if method == "eproj":
+        return (tasks + 1) * trained  # an expert per task and the base's weights they start from
+    return 0
+
+
+def plan_activations(model, args, size):
+    """What a training step keeps for its backward pass, for --batch-size examples of the planned length: per token
+    and decoder layer, its input and norm (2h), queries, keys, values and the attention's output (2h + 2kv), the
+    output projection's input (h), the MLP's input (h) and its gate, up, activation and down-projection input (4i);
+    with --gradient-checkpointing, each layer's input alone and one layer's whole while it is recomputed. And the
+    logits the loss reads (the answers' alone where the family lets the head skip the rest)."""
+    text = model.config.get_text_config()
+    h, layers = text.hidden_size, text.num_hidden_layers
+    intermediate = getattr(text, "intermediate_size", None) or 4 * h
+    heads = text.num_attention_heads
+    kv = h // heads * (getattr(text, "num_key_value_heads", None) or heads)
+    per_layer = 6 * h + 2 * kv + 4 * intermediate
+    per_token = layers * h + per_layer if args.gradient_checkpointing else layers * per_layer
+    tokens = args.batch_size * (args.max_length or PLAN_TOKENS)
+    answers = args.batch_size * min(args.max_new_tokens, args.max_length or PLAN_TOKENS)
+    vocabulary = model.get_output_embeddings().out_features
+    # the head's rows, as the dtype, a float32 copy and the softmax the loss's backward needs
+    logits = answers * vocabulary * (size + 8) + (0 if head_on_positions(model) else tokens * vocabulary * size)
+    return {"activations": tokens * per_token * size, "logits": logits}
+
+
+def fitting(model, args, method, train, shapes, tasks, dtype, gb):
+    """'yes', or the first flags (each added to those before) with which the run fits in gb, or 'no'."""
+    candidates, changes, flags = [({}, [])], {}, []
+    if not args.gradient_checkpointing:
+        changes, flags = {"gradient_checkpointing": True}, ["--gradient-checkpointing"]
+        candidates.append((changes, flags))
+    if train == "all":
+        changes, flags = changes | {"train": "lora"}, flags + ["--train lora"]
+        candidates.append((changes, flags))
+    batch, accum = args.batch_size, args.grad_accum
+    while batch > 1:  # as many examples per optimizer step, in smaller micro-batches
+        batch, accum = (batch + 1) // 2, accum * 2
+        candidates.append((changes | {"batch_size": batch, "grad_accum": accum},
+                           flags + [f"--batch-size {batch} --grad-accum {accum}"]))
+    for changes, flags in candidates:
+        memory = plan_memory(model, with_args(args, **changes), method, changes.get("train", train), shapes, tasks,
+                             dtype)
+        if sum(memory.values()) <= PLAN_HEADROOM * gb * 2 ** 30:
+            return "with " + " ".join(flags) if flags else "yes"
+    return "no"
+
+
+def print_plan(report):
+    counts = report["weights"]
+    parts = ", ".join(f"{part} {counts[part] / 1e6:,.1f} M" for part in ["vision", "connector", "language", "head"])
+    print(f"--plan {report['model']} at {report['dtype']}: {counts['total'] / 1e6:,.1f} M weights ({parts}); "
+          f"micro-batches of {report['batch_size']} examples of {report['tokens_per_example']} tokens"
+          + (", gradient checkpointing" if report["gradient_checkpointing"] else ""))
+    first = next(iter(report["methods"].values()))
+    print("| method | train | trainable | " + " | ".join(f"{item} GB" for item in first["memory_gb"])
+          + " | total GB | torchrun GB | " + " | ".join(f"{gb} GB GPU" for gb in first["fits"]) + " |")
+    print("| --- " * (5 + len(first["memory_gb"]) + len(first["fits"])) + "|")
+    for method, entry in report["methods"].items():
+        print(f"| {method} | {entry['train']} | {entry['trainable'] / 1e6:,.1f} M | "
+              + " | ".join(f"{gb:.3g}" for gb in entry["memory_gb"].values())
+              + f" | {entry['total_gb']:.3g} | {entry['torchrun_total_gb']:.3g} | " + " | ".join(entry["fits"].values())
+              + " |")
+    print(f"torchrun --nproc_per_node N: every GPU holds the torchrun column (the run's memory and DDP's buckets, a "
+          f"second copy of the gradients), and a step takes N times the examples: a global batch of "
+          f"N x {report['batch_size']} x {report['grad_accum']}. Activations assume every example "
+          f"{report['tokens_per_example']} tokens long (--max-length).")
 
 
 # ---------------------------------------------------------------- several processes: torchrun, data-parallel
