@@ -1445,10 +1445,10 @@ def model_parts(model):
                          "TIR and the pair study work on those tokens")
     parts = {"vision": names[id(vision)], "language": names[id(language)], "head": names[id(head)]}
     connector = [n for n, _ in model.named_parameters() if not any(inside(n, parts[p]) for p in parts)]
-    if not connector:  # inside the vision encoder: what has weights after its stack of layers (its largest list)
+    if not connector:  # inside the vision encoder: what has weights after its stack of layers (its longest list)
         children = list(vision.named_children())
         stack = max((i for i, (_, module) in enumerate(children) if isinstance(module, torch.nn.ModuleList)),
-                    key=lambda i: sum(p.numel() for p in children[i][1].parameters()))
+                    key=lambda i: len(children[i][1]))
         after = [f"{parts['vision']}.{child}" for child, module in children[stack + 1:]
                  if any(True for _ in module.parameters())]
         connector = [n for n, _ in model.named_parameters() if any(inside(n, module) for module in after)]

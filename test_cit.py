@@ -1169,6 +1169,24 @@ def qwen_vl(t, kind):
     return getattr(t, f"{kind}ForConditionalGeneration")(config), processor
 
 
+def qwen3_vl(t):
+    """Qwen3-VL: the merger and DeepStack mergers (image features into the language model's early layers)."""
+    tok = family_tokenizer(["<|im_start|>", "<|vision_start|>", "<|vision_end|>"], image_token="<|image_pad|>",
+                           video_token="<|video_pad|>", turn_end="<|im_end|>")
+    processor = t.Qwen3VLProcessor(
+        t.Qwen2VLImageProcessorPil(min_pixels=1024, max_pixels=1024, patch_size=8, merge_size=2), tok,
+        t.Qwen3VLVideoProcessor(patch_size=8, merge_size=2),
+        chat_template=CHATML.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"))
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    text = text_config(tok, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                          "mrope_section": [2, 3, 3]})
+    config = t.Qwen3VLConfig(text_config=text, vision_config=vision, **ids(
+        tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",
+        vision_end_token_id="<|vision_end|>"))
+    return t.Qwen3VLForConditionalGeneration(config), processor
+
+
 def idefics3(t, smol):
     tok = family_tokenizer(["<fake_token_around_image>", "<global-img>", "<|im_start|>"], turn_end="<end_of_utterance>",
                            plain=[f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
@@ -1244,6 +1262,7 @@ FAMILIES = {
     "gemma3": (gemma3, [], ["model.multi_modal_projector"]),
     "qwen2_vl": (lambda t: qwen_vl(t, "Qwen2VL"), ["torchvision"], ["model.visual.merger"]),
     "qwen2_5_vl": (lambda t: qwen_vl(t, "Qwen2_5_VL"), ["torchvision"], ["model.visual.merger"]),
+    "qwen3_vl": (qwen3_vl, ["torchvision"], ["model.visual.merger", "model.visual.deepstack_merger_list"]),
     "smolvlm": (lambda t: idefics3(t, smol=True), ["torchvision", "num2words"], ["model.connector"]),
     "llava_onevision": (onevision, ["torchvision"], ["model.multi_modal_projector"]),
     "internvl": (internvl, ["torchvision"], ["model.multi_modal_projector"]),
