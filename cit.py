@@ -289,8 +289,10 @@ def train(model, examples, steps, state, rng, hooks=NO_HOOKS, desc=""):
             drawn = rng.sample(examples, min(args.batch_size * WORLD_SIZE, len(examples)))
             batch = training_batch(processor, hooks["mix_batch"](state, drawn, rng)[RANK::WORLD_SIZE], device)
             logits, targets = answer_logits(model, batch, forward)
-            loss = (F.cross_entropy(logits.float(), targets) * token_share(batch)
-                    + hooks["extra_loss"](state, model, batch, logits))
+            # under torchrun, weighted by this process's share of the answer tokens, so that DDP's average of the
+            # processes' losses is one process's: the mean over every answer token (LwF's term is such a mean too)
+            loss = (F.cross_entropy(logits.float(), targets)
+                    + hooks["extra_loss"](state, model, batch, logits)) * token_share(batch)
             (loss / args.grad_accum).backward()
         stop_if_diverged(loss, desc, step + 1)
         optimizer.step()
