@@ -904,7 +904,7 @@ def parse_args(argv=None):
                        help="longest answer generated (default: 16 for tiny, whose longest answer is 9 tokens; "
                             "64 for real models)")
     cl = parser.add_argument_group("continual-learning methods")
-    cl.add_argument("--ewc-lambda", type=number(float, at_least=0), default=3e6,
+    cl.add_argument("--ewc-lambda", type=number(float, at_least=0), default=3e5,
                     help="EWC: weight of the quadratic penalty")
     cl.add_argument("--ewc-samples", type=number(int, above=0), default=128,
                     help="EWC: training examples, one at a time, over which a weight's importance is measured")
@@ -2662,8 +2662,9 @@ def processes(args):
     if WORLD_SIZE == 1:
         yield
         return
-    if args.analyze:
-        raise InputError("--analyze pairs runs in one process: start it with python, not torchrun")
+    if args.analyze or args.plan:
+        raise InputError(f"{'--plan' if args.plan else '--analyze pairs'} runs in one process: start it with python, "
+                         "not torchrun")
     gpu = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
