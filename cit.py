@@ -1296,14 +1296,17 @@ TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, 
 TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=256)
 TINY_VOCAB_SIZE = 1024
-# How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because
-# nothing is pre-trained here), then for "instruct" joint multi-task instruction tuning on a broad mix (InstructBLIP's
-# held-in sets in miniature) that keeps the captions, as LLaVA-1.5's and InstructBLIP's mixes do. The base has its
-# own seed: every run, whatever its --seed, starts from the same base, as runs of a real LMM do.
-TINY_BASE = dict(align_steps=1200, instruct_steps=1200, batch_size=32, lr=1e-3, seed=0)
+# How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because nothing is
+# pre-trained here), beside the text-only instructions a real base's language model was tuned on before it saw a
+# picture (Vicuna's, FlanT5's): without them the tiny language model knows one instruction and forgets everything
+# at once. Then for "instruct" joint multi-task instruction tuning on a broad mix (InstructBLIP's held-in sets in
+# miniature) that keeps both, as LLaVA-1.5's and InstructBLIP's mixes do. The base has its own seed: every run,
+# whatever its --seed, starts from the same base, as runs of a real LMM do.
+TINY_BASE = dict(align_steps=2400, instruct_steps=1200, batch_size=32, lr=1e-3, seed=0)
 TINY_MIXES = HERE / "tiny_tasks" / "base"  # a folder per task of the bases' mixes; those with a test split are held-in
-BASE_MIXES = {"align": ["describe"], "instruct": ["describe", "exists", "color", "shape_options", "background", "size",
-                                                  "side", "how_many", "side_color", "two_colors"]}
+BASE_MIXES = {"align": ["describe", "language"],
+              "instruct": ["describe", "language", "exists", "color", "shape_options", "background", "size", "side",
+                           "how_many", "side_color", "two_colors"]}
 # The two bases ship with the project (4 MB each), so every machine starts from the same weights; a base is built
 # again only when the recipe above changes (into --cache) or on request (--rebuild-base, into this folder).
 SHIPPED_BASES = HERE / "tiny_tasks" / "base" / "models"

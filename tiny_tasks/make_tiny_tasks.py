@@ -2,9 +2,9 @@
 
 Seven small vision-language tasks drawn with pillow, each standing in for one task type of the
 continual instruction tuning benchmark, plus the mixes the tiny bases are pre-trained on, a folder per task in
-base/ (describe: the alignment captions; the others: the instruction mix; those with a test split are the
-bases' held-in tasks). Everything is written in LLaVA's conversation format,
-image paths relative to the task folder. Deterministic: the same seed gives the same files.
+base/ (describe: the alignment captions; language: the language model's own text-only instructions; the others:
+the instruction mix; those with a test split are the bases' held-in tasks). Everything is written in LLaVA's
+conversation format, image paths relative to the task folder. Deterministic: the same seed gives the same files.
 """
 import json
 import random
@@ -265,6 +265,45 @@ def two_colors(rng):
         f"{colors[0]} and {colors[1]}"
 
 
+# ---- the language model's own instruction tuning, text only ----
+# A real base's language model follows text instructions before it ever sees a picture (Vicuna, FlanT5): it reads a
+# question and answers in any format. Nothing is pre-trained here, so the align stage learns that beside the captions.
+
+def language(rng):
+    """Text-only questions in the words of the tiny world: read a described scene, the alphabet, sums, options,
+    yes/no, corners; every answer format, and no picture."""
+    kind = rng.choice(["scene", "letter", "sum", "options", "yes_no", "corner"])
+    if kind == "scene":
+        shapes, colors = rng.sample(SHAPES, 2), rng.sample(list(COLORS), 2)
+        sides = rng.choice([("left", "right"), ("top", "bottom")])
+        scene = f"A {colors[0]} {shapes[0]} is on the {sides[0]} and a {colors[1]} {shapes[1]} is on the {sides[1]}."
+        i = rng.randint(0, 1)
+        if rng.random() < 0.5:
+            return None, f"{scene} What color is the shape on the {sides[i]}?", colors[i]
+        return None, f"{scene} What shape is on the {sides[i]}?", shapes[i]
+    if kind == "letter":
+        letter = rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXY")
+        return None, ask(rng, ["Which letter comes after {l}?", "What letter follows {l} in the alphabet?"],
+                         l=letter), chr(ord(letter) + 1)
+    if kind == "sum":
+        a = rng.randint(1, 4)
+        b = rng.randint(1, 5 - a)
+        return None, ask(rng, ["What is {a} plus {b}?", "How much is {a} and {b}?"], a=a, b=b), str(a + b)
+    if kind == "options":
+        color, shapes = rng.choice(list(COLORS)), rng.sample(SHAPES, 3)
+        options = shapes + [color]
+        rng.shuffle(options)
+        lines = "\n".join(f"{label}. {option}" for label, option in zip("ABCD", options))
+        return None, f"Which of these is a color?\n{lines}\nAnswer with the option's letter.", \
+            "ABCD"[options.index(color)]
+    if kind == "yes_no":
+        word = rng.choice(list(COLORS) + SHAPES)
+        return None, f"Is {word} a color? Answer yes or no.", "yes" if word in COLORS else "no"
+    corner = rng.choice(QUADRANTS)
+    opposite = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}
+    return None, f"Which corner is opposite the {corner}?", " ".join(opposite[w] for w in corner.split())
+
+
 # the instruct mix; those with a test split are the base's held-in tasks, scored after every continual task
 INSTRUCT = [exists, color, shape_options, background, size, side, how_many, side_color, two_colors]
 HELD_IN = [describe, exists, color, shape_options]
@@ -274,16 +313,20 @@ def write_split(folder, name, make, n, rng):
     records = []
     for i in range(n):
         image, question, answer = make(rng)
-        path = f"images/{name}_{i:04d}.png"
-        image.save(folder / path)
-        records.append({"id": f"{folder.name}_{name}_{i:04d}", "image": path, "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+        record = {"id": f"{folder.name}_{name}_{i:04d}"}
+        if image is not None:  # a text-only record has no image and no <image> in its question
+            record["image"] = f"images/{name}_{i:04d}.png"
+            (folder / "images").mkdir(exist_ok=True)
+            image.save(folder / record["image"])
+            question = f"<image>\n{question}"
+        records.append({**record, "conversations": [{"from": "human", "value": question},
+                                                    {"from": "gpt", "value": answer}]})
     (folder / f"{name}.json").write_text(json.dumps(records, indent=1))
 
 
 def write_task(folder, make, seed, train, test):
     shutil.rmtree(folder, ignore_errors=True)
-    (folder / "images").mkdir(parents=True)
+    folder.mkdir(parents=True)
     rng = random.Random(f"{seed}-{make.__name__}")
     write_split(folder, "train", make, train, rng)
     if test:
@@ -294,6 +337,7 @@ def main(root=Path(__file__).parent, seed=0, train=300, test=100):
     for make in TASKS:
         write_task(root / make.__name__, make, seed, train, test)
     write_task(root / "base" / "describe", describe, seed, 2000, 50)
+    write_task(root / "base" / "language", language, seed, 1200, 0)
     for make in INSTRUCT:
         write_task(root / "base" / make.__name__, make, seed, 300, 50 if make in HELD_IN else 0)
 
