@@ -1298,9 +1298,10 @@ TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, nu
 TINY_VOCAB_SIZE = 1024
 # How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because nothing is
 # pre-trained here), beside the text-only instructions a real base's language model was tuned on before it saw a
-# picture (Vicuna's, FlanT5's): without them the tiny language model knows one instruction and forgets everything
-# at once. Then for "instruct" joint multi-task instruction tuning on a broad mix (InstructBLIP's held-in sets in
-# miniature) that keeps both, as LLaVA-1.5's and InstructBLIP's mixes do. The base has its own seed: every run,
+# picture (Vicuna's, FlanT5's): without them the tiny language model knows one instruction, and a task tuned into it
+# is mostly lost to the next (README: how the tiny world was decided). Then for "instruct" joint multi-task
+# instruction tuning on a broad mix (InstructBLIP's held-in sets in miniature) that keeps both, as LLaVA-1.5's and
+# InstructBLIP's mixes do. The base has its own seed: every run,
 # whatever its --seed, starts from the same base, as runs of a real LMM do.
 TINY_BASE = dict(align_steps=2400, instruct_steps=1200, batch_size=32, lr=1e-3, seed=0)
 TINY_MIXES = HERE / "tiny_tasks" / "base"  # a folder per task of the bases' mixes; those with a test split are held-in
