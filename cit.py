@@ -1301,8 +1301,8 @@ TINY_VOCAB_SIZE = 1024
 # picture (Vicuna's, FlanT5's): without them the tiny language model knows one instruction, and a task tuned into it
 # is mostly lost to the next (README: how the tiny world was decided). Then for "instruct" joint multi-task
 # instruction tuning on a broad mix (InstructBLIP's held-in sets in miniature) that keeps both, as LLaVA-1.5's and
-# InstructBLIP's mixes do. The base has its own seed: every run,
-# whatever its --seed, starts from the same base, as runs of a real LMM do.
+# InstructBLIP's mixes do. The base has its own seed: every run, whatever its --seed, starts from the same base,
+# as runs of a real LMM do.
 TINY_BASE = dict(align_steps=2400, instruct_steps=1200, batch_size=32, lr=1e-3, seed=0)
 TINY_MIXES = HERE / "tiny_tasks" / "base"  # a folder per task of the bases' mixes; those with a test split are held-in
 BASE_MIXES = {"align": ["describe", "language"],

@@ -113,6 +113,12 @@ def ask(rng, phrasings, **fields):
     return rng.choice(phrasings).format(**fields)
 
 
+def choose(question, options, right):
+    """A question with lettered options, one per line, and the right option's letter as its answer."""
+    lines = "\n".join(f"{label}. {option}" for label, option in zip("ABCDEF", options))
+    return f"{question}\n{lines}\nAnswer with the option's letter.", "ABCDEF"[list(options).index(right)]
+
+
 def caption(rng):
     image, shapes, colors, horizontal = two_shapes(rng)
     # the left or upper shape first: one reference per picture, so the picture alone decides the caption
@@ -161,10 +167,8 @@ def grounding(rng):
 def mcq(rng):
     """The options come in a fixed order, so the task teaches the answer format; the phrasing varies."""
     image, drawn = one_shape(rng)
-    lines = "\n".join(f"{label}. {color}" for label, color in zip("ABCDEF", COLORS))
-    question = ask(rng, ["Which color is the object?", "What is the color of the shape?"]) + \
-        f"\n{lines}\nAnswer with the option's letter."
-    return image, question, "ABCDEF"[list(COLORS).index(drawn["color"])]
+    return image, *choose(ask(rng, ["Which color is the object?", "What is the color of the shape?"]), COLORS,
+                          drawn["color"])
 
 
 TASKS = [caption, classify, vqa, count, ocr, grounding, mcq]
@@ -212,10 +216,7 @@ def color(rng):
 
 def shape_options(rng):
     image, d = one_shape(rng)
-    lines = "\n".join(f"{label}. {shape}" for label, shape in zip("ABCDEF", SHAPES))
-    question = ask(rng, ["Which shape is this?", "What kind of shape is shown?"]) + \
-        f"\n{lines}\nAnswer with the option's letter."
-    return image, question, "ABCDEF"[SHAPES.index(d["shape"])]
+    return image, *choose(ask(rng, ["Which shape is this?", "What kind of shape is shown?"]), SHAPES, d["shape"])
 
 
 def background(rng):
@@ -293,9 +294,7 @@ def language(rng):
         color, shapes = rng.choice(list(COLORS)), rng.sample(SHAPES, 3)
         options = shapes + [color]
         rng.shuffle(options)
-        lines = "\n".join(f"{label}. {option}" for label, option in zip("ABCD", options))
-        return None, f"Which of these is a color?\n{lines}\nAnswer with the option's letter.", \
-            "ABCD"[options.index(color)]
+        return None, *choose("Which of these is a color?", options, color)
     if kind == "yes_no":
         word = rng.choice(list(COLORS) + SHAPES)
         return None, f"Is {word} a color? Answer yes or no.", "yes" if word in COLORS else "no"
