@@ -904,7 +904,7 @@ def parse_args(argv=None):
                        help="longest answer generated (default: 16 for tiny, whose longest answer is 9 tokens; "
                             "64 for real models)")
     cl = parser.add_argument_group("continual-learning methods")
-    cl.add_argument("--ewc-lambda", type=number(float, at_least=0), default=3e5,
+    cl.add_argument("--ewc-lambda", type=number(float, at_least=0), default=3e6,
                     help="EWC: weight of the quadratic penalty")
     cl.add_argument("--ewc-samples", type=number(int, above=0), default=128,
                     help="EWC: training examples, one at a time, over which a weight's importance is measured")
