@@ -171,7 +171,9 @@ def add_lora(state, model):
     LoRA goes on every linear layer of the language model; the connector's modules train whole (part 2's
     lora_config)."""
     model.requires_grad_(False)
-    return get_peft_model(model, lora_config(state["args"], model))
+    # the adapters in the model's own dtype (peft would make them float32): a bfloat16 model then multiplies in
+    # bfloat16 throughout, and the optimizer's float32 copies keep their small updates (adamw, part 2)
+    return get_peft_model(model, lora_config(state["args"], model), autocast_adapter_dtype=False)
 
 
 def keep_model(state, model):
@@ -276,9 +278,8 @@ def train(model, examples, steps, state, rng, hooks=NO_HOOKS, desc=""):
     args, processor, device = state["args"], state["processor"], state["device"]
     model.train()
     forward = data_parallel(model)  # under torchrun: DDP over what trains now; gradients averaged over processes
-    # fused: one kernel over all the weights instead of a Python loop over them (a few ms of each tiny step)
-    optimizer = torch.optim.AdamW(trainable(model).values(), lr=args.lr,
-                                  fused=torch.device(device).type in ["cpu", "cuda"])
+    # Mixed precision, as LLaVA trains: where the weights are bfloat16, AdamW updates float32 copies of them (part 2)
+    optimizer = adamw(trainable(model).values(), args.lr, device)
     # LLaVA's schedule: a short warm-up, then cosine decay to zero by the end of the task.
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1,
@@ -889,7 +890,9 @@ def parse_args(argv=None):
     model.add_argument("--lora-rank", type=number(int, above=0), default=8,
                        help="rank of LoRA adapters (--train lora)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weights' type; auto: bfloat16 on a GPU that has it, else float32")
+                       help="the weights' type; bfloat16 and float16 train through float32 master copies (float16 without loss "
+                            "scaling: prefer bfloat16); auto: float32 for tiny on any device, and for a real model "
+                            "bfloat16 on a GPU that has it, else float32")
     model.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     model.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     optim = parser.add_argument_group("optimization")
@@ -972,9 +975,42 @@ def pick_device(requested=None):
 
 
 def pick_dtype(args, device):
+    """--dtype auto: float32 for the tiny model on every device, so that a GPU teaches the lessons a CPU does (in
+    bfloat16 the tiny run learned less: caption 0.45 against 0.53 on an H200); a real model in bfloat16 on a GPU
+    that has it (its trained weights updated through float32 copies: adamw), else float32."""
     if args.dtype != "auto":
         return getattr(torch, args.dtype)
-    return torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if args.model == "tiny" or torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+
+
+def adamw(weights, lr, device):
+    """The loop's optimizer: AdamW, fused (one kernel over all the weights instead of a Python loop over them: a few
+    ms of each tiny step), over float32 master copies of whatever trains in a lower precision."""
+    return MasterWeightAdamW(weights, lr=lr, fused=torch.device(device).type in ["cpu", "cuda"])
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW for weights kept in bfloat16 (or float16): it updates float32 copies of them, the master weights, with
+    float32 moments, then copies the result back, so that an update smaller than a bfloat16 weight's precision (about
+    1/256 of it) still adds up over steps (the bf16 recipe of LLaVA, CoIN and DeepSpeed). 4 + 4 + 8 bytes per trained
+    weight beside the weight itself: its float32 copy, that copy's gradient, the two moments. Float32 weights are
+    their own masters: then it is AdamW itself, step for step. (float16 gets no loss scaling here.)"""
+    def __init__(self, weights, **options):
+        weights = list(weights)
+        masters = [w if w.dtype == torch.float32 else w.detach().float() for w in weights]
+        super().__init__(masters, **options)
+        self.copies = [(w, m) for w, m in zip(weights, masters) if m is not w]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for weight, master in self.copies:  # one weight's gradient at a time moves to float32
+            master.grad = None if weight.grad is None else weight.grad.float()
+            weight.grad = None
+        super().step(closure)
+        for weight, master in self.copies:
+            weight.copy_(master)
 
 
 @contextmanager
@@ -1594,6 +1630,15 @@ def tiny_corpus():
 
 def tiny_model_and_processor(tokenizer):
     """A real transformers LLaVA built from a small config with random weights: nothing is downloaded."""
+    config, processor = tiny_config_and_processor(tokenizer)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def tiny_config_and_processor(tokenizer):
+    """The tiny LLaVA's config (TINY_VISION, TINY_TEXT) and its processor."""
     size = TINY_VISION["image_size"]
     # Resize to the input size without cropping, so images of any shape keep all their content.
     image_processor = CLIPImageProcessorPil(size={"height": size, "width": size}, do_center_crop=False)
@@ -1608,10 +1653,7 @@ def tiny_model_and_processor(tokenizer):
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(size // TINY_VISION["patch_size"]) ** 2,
         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, processor
+    return config, processor
 
 
 def tiny_base(flavour, args, device):
@@ -2017,7 +2059,7 @@ def resume_run(args, device, hooks):
     if (saved / "adapter_config.json").is_file():  # LoRA (eproj's experts too): the adapter goes back onto the base
         model, processor = load_model(args, device)
         with damaged(checkpoint):
-            model = PeftModel.from_pretrained(model, saved)
+            model = PeftModel.from_pretrained(model, saved, autocast_adapter_dtype=False)  # as add_lora made it
     else:  # full weights: the checkpoint is a model folder of its own
         with damaged(checkpoint):
             model, processor = load_model(with_args(args, model=str(saved)), device)
@@ -2090,14 +2132,19 @@ def profiled(args):
 
 
 def count_flops(model, examples, steps, state, work, make_batch):
-    """The FLOPs of one training step (forward and backward) on a batch of this task, times the task's steps."""
+    """The FLOPs of one training step (forward and backward) on a batch of this task, times the task's steps.
+    Counted in training mode, as the steps run: in evaluation mode transformers skips gradient checkpointing, and
+    this step alone would keep every activation (on an H200 it was the LoRA run's peak: 36 GB of a 7B, not 15)."""
     args = state["args"]
     sample = random.Random(0).sample(examples, min(args.batch_size, len(examples)))
     batch = make_batch(state["processor"], sample, state["device"])
+    was_training = model.training
+    model.train()
     with FlopCounterMode(display=False) as counter:
         logits, targets = answer_logits(model, batch)
         F.cross_entropy(logits.float(), targets).backward()
     model.zero_grad(set_to_none=True)
+    model.train(was_training)
     work["flops"] += counter.get_total_flops() * steps * args.grad_accum
     work["steps"] += steps
 
@@ -2113,21 +2160,28 @@ def print_profile(total, spent, work, args):
         print(f"  {part:<48} {seconds:7.1f} s  {100 * seconds / total:4.0f}%")
     if work["steps"]:
         device = pick_device(args.device)
-        rate, achieved = matmul_rate(device), work["flops"] / compute
+        dtype = pick_dtype(args, device)
+        rate, achieved = matmul_rate(device, dtype), work["flops"] / compute
+        recomputed = " (the forward recomputed by --gradient-checkpointing counted too)" * args.gradient_checkpointing
         print(f"  training: {work['steps']} steps, {1000 * compute / work['steps']:.1f} ms and "
-              f"{work['flops'] / work['steps'] / 1e9:.2f} GFLOP each: {achieved / 1e9:.1f} GFLOP/s, "
-              f"{100 * achieved / rate:.0f}% of this {device.type}'s fp32 matmul rate ({rate / 1e9:.0f} GFLOP/s)")
+              f"{work['flops'] / work['steps'] / 1e9:.2f} GFLOP each{recomputed}: {achieved / 1e9:.1f} GFLOP/s, "
+              f"{100 * achieved / rate:.0f}% of this {device.type}'s {str(dtype).removeprefix('torch.')} matmul "
+              f"rate ({rate / 1e9:.0f} GFLOP/s)")
 
 
-def matmul_rate(device, size=2048, seconds=1.0):
-    """FLOPs per second of a large fp32 matrix product on this device: the yardstick for training's throughput."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_rate(device, dtype=torch.float32, size=2048, seconds=1.0):
+    """FLOPs per second of a large matrix product in the run's dtype on this device: the yardstick for training's
+    throughput (a GPU multiplies bfloat16 many times faster than float32)."""
+    gpu = device.type == "cuda"
+    size, each = (8192, 10) if gpu else (size, 1)  # a GPU's rate needs products large and many between syncs
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        a @ b
-        count += 1
-        if device.type == "cuda":
+        for _ in range(each):
+            a @ b
+        count += each
+        if gpu:
             torch.cuda.synchronize()
     return 2 * size ** 3 * count / (time.perf_counter() - started)
 
@@ -2517,7 +2571,9 @@ PLAN_HEADROOM = 0.9  # the share of a GPU's memory a run may plan on: CUDA's con
 def plan(args):
     """--plan: for each method of the run, the weights by part, what trains, and one process's memory by item;
     what fits on each --gpu-memory, or which flags would make it fit. Printed, and written to <out>/plan.json."""
-    dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: a GPU's bfloat16
+    # auto: what a GPU with bfloat16 runs (pick_dtype): float32 for tiny, bfloat16 for a real model
+    auto = torch.float32 if args.model == "tiny" else torch.bfloat16
+    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     tasks = args.tasks or default_task_names(Path(args.data))
     methods = ALL_METHODS if args.method == "all" else [args.method]
     model = meta_model(args, dtype)
@@ -2526,12 +2582,14 @@ def plan(args):
                         and n not in parts["connector"]) for part in ["vision", "language", "head"]}
     counts |= {"connector": sum(p.numel() for n, p in model.named_parameters() if n in parts["connector"]),
                "total": sum(p.numel() for p in model.parameters())}
-    # what each --train makes of the model: its weights' bytes, the number that train and their bytes (peft keeps
-    # LoRA's adapters in float32 on a bfloat16 model)
+    # what each --train makes of the model: its weights' bytes, the number that train and their bytes
     shapes = {}
     for train in TRAINING:
         with torch.device("meta"):  # LoRA's adapters are made on the meta device too
             trained = TRAINING[train]({"args": args}, meta_model(args, dtype))
+        for name, p in trained.named_parameters():  # there peft leaves them float32; a run's are the model's dtype
+            if "lora_" in name:
+                p.data = p.data.to(dtype)
         shapes[train] = (sum(p.numel() * p.element_size() for p in trained.parameters()),
                          sum(p.numel() for p in trainable(trained).values()),
                          sum(p.numel() * p.element_size() for p in trainable(trained).values()))
@@ -2546,8 +2604,9 @@ def plan(args):
         report["methods"][method] = {
             "train": train, "trainable": shapes[train][1], "memory_gb": {k: v / 2 ** 30 for k, v in memory.items()},
             "total_gb": total / 2 ** 30,
-            # torchrun: the same memory in every process, plus DDP's buckets, a second copy of the gradients
-            "torchrun_total_gb": (total + memory["gradients"]) / 2 ** 30,
+            # torchrun: the same memory in every process, plus DDP's buckets, a second copy of the gradients as
+            # backward makes them (in the trained weights' dtype)
+            "torchrun_total_gb": (total + shapes[train][2]) / 2 ** 30,
             "fits": {f"{gb:g}": fitting(model, args, method, train, shapes, len(tasks), dtype, gb)
                      for gb in args.gpu_memory}}
     write_json(args.out / "plan.json", report)
@@ -2569,9 +2628,12 @@ def meta_model(args, dtype):
 
 
 def plan_memory(model, args, method, train, shapes, tasks, dtype):
-    """One process's memory in bytes, by item, for a run of `method` with `train` training."""
+    """One process's memory in bytes, by item, for a run of `method` with `train` training. Below float32 the
+    trained weights have float32 masters (MasterWeightAdamW): their gradients are float32 at the optimizer's step,
+    and the optimizer holds the masters beside AdamW's two float32 moments."""
     weights, n, trained = shapes[train]
-    memory = {"weights": weights, "gradients": trained, "optimizer": 2 * trained,  # AdamW: two moments a weight
+    masters = dtype != torch.float32
+    memory = {"weights": weights, "gradients": 4 * n if masters else trained, "optimizer": 8 * n + 4 * n * masters,
               "method": method_bytes(args, method, n, trained, tasks)}
     return memory | plan_activations(model, args, dtype.itemsize)
 
@@ -2594,8 +2656,11 @@ def plan_activations(model, args, size):
     """What a training step keeps for its backward pass, for --batch-size examples of the planned length: per token
     and decoder layer, its input and norm (2h), queries, keys, values and the attention's output (2h + 2kv), the
     output projection's input (h), the MLP's input (h) and its gate, up, activation and down-projection input (4i);
-    with --gradient-checkpointing, each layer's input alone and one layer's whole while it is recomputed. And the
-    logits the loss reads (the answers' alone where the family lets the head skip the rest)."""
+    with --gradient-checkpointing, each layer's input alone and one layer's whole while it is recomputed. Eager
+    attention also keeps each layer's attention matrix, heads x length^2, as float32 softmax and in the dtype (SDPA
+    and flash attention keep a row's log-sum-exp alone). And the logits the loss reads (the answers' alone where the
+    family lets the head skip the rest); and what the backward pass makes while it runs, about one layer's
+    activations. The frozen vision encoder keeps nothing: its forward's memory is freed as it goes."""
     text = model.config.get_text_config()
     h, layers = text.hidden_size, text.num_hidden_layers
     intermediate = getattr(text, "intermediate_size", None) or 4 * h
@@ -2603,12 +2668,19 @@ def plan_activations(model, args, size):
     kv = h // heads * (getattr(text, "num_key_value_heads", None) or heads)
     per_layer = 6 * h + 2 * kv + 4 * intermediate
     per_token = layers * h + per_layer if args.gradient_checkpointing else layers * per_layer
-    tokens = args.batch_size * (args.max_length or PLAN_TOKENS)
+    length = args.max_length or PLAN_TOKENS
+    tokens = args.batch_size * length
+    eager = getattr(text, "_attn_implementation", None) == "eager"
+    # one layer's attention matrices: the float32 softmax and, below float32, its copy in the dtype
+    attention = eager * args.batch_size * heads * length ** 2 * (4 + size * (size < 4))
     answers = args.batch_size * min(args.max_new_tokens, args.max_length or PLAN_TOKENS)
     vocabulary = model.get_output_embeddings().out_features
     # the head's rows, as the dtype, a float32 copy and the softmax the loss's backward needs
     logits = answers * vocabulary * (size + 8) + (0 if head_on_positions(model) else tokens * vocabulary * size)
-    return {"activations": tokens * per_token * size, "logits": logits}
+    stored = 1 if args.gradient_checkpointing else layers
+    # while a layer's backward runs, the gradients of its activations: about one layer's activations again
+    return {"activations": tokens * per_token * size + stored * attention, "backward": tokens * per_layer * size,
+            "logits": logits}
 
 
 def fitting(model, args, method, train, shapes, tasks, dtype, gb):
