@@ -333,14 +333,15 @@ def run_sequence(model, tasks, hooks, state, rng, matrix):
     """
     stages = hooks["stages"](tasks, state["args"])
     if not matrix:  # the base before any task: what each task scores untrained, for forward transfer
-        state["report"]["zero_shot"] = evaluate_all(state, model, tasks, "before any task (the base)")
+        before = "before any task (the base: the first row of the accuracy matrix R, printed at the end)"
+        state["report"]["zero_shot"] = evaluate_all(state, model, tasks, before)
         score_held_in(state, model, greedy_answers, first=len(tasks))
     for i, (name, examples, steps) in enumerate(stages[len(matrix):], start=len(matrix)):
         state["task"] = i
         hooks["before_task"](state, model, examples)
         train(model, examples, steps, state, rng, hooks, desc=f"task {i + 1}/{len(stages)}: {name}")
         hooks["after_task"](state, model, examples)
-        matrix.append(evaluate_all(state, model, tasks, f"after {name}", hooks["answer"]))
+        matrix.append(evaluate_all(state, model, tasks, f"after {name} (row {i + 1} of R)", hooks["answer"]))
         score_held_in(state, model, hooks["answer"], first=len(tasks))
         save_checkpoint(state, model, rng, list(tasks), matrix)
     return [name for name, _, _ in stages], matrix
@@ -374,7 +375,7 @@ def evaluate_all(state, model, tasks, title, answer=greedy_answers, first=0):
         scores.append(score(task, predictions))
         print(f"  {name:<12} {scores[-1]:.2f}")
         for example, prediction in list(zip(examples, predictions))[:state["args"].show]:
-            question = example["question"].splitlines()[0]
+            question = (example["question"].splitlines() or [""])[0]  # a question may be the picture alone
             print(f"      Q: {question}  A: {prediction!r}  (expected {example['answer']!r})")
     return scores
 
@@ -401,8 +402,8 @@ def summarize(matrix):
     """Average accuracy, backward transfer and forgetting of an accuracy matrix R (rows: after task i)."""
     final, T = matrix[-1], len(matrix)
     average = sum(final) / len(final)
-    if T == 1:
-        return {"average": average, "forgetting": 0.0, "bwt": 0.0}
+    if T == 1:  # one row (joint): nothing learned earlier to forget
+        return {"average": average, "forgetting": None, "bwt": None}
     bwt = sum(final[j] - matrix[j][j] for j in range(T - 1)) / (T - 1)
     forgetting = sum(max(matrix[i][j] for i in range(j, T - 1)) - final[j] for j in range(T - 1)) / (T - 1)
     return {"average": average, "forgetting": forgetting, "bwt": bwt}
@@ -681,7 +682,6 @@ METHODS = {
               "answer": eproj_answer},
     "joint": {"stages": joint_stages},
 }
-ALL_METHODS = list(METHODS)
 
 
 # ---------------------------------------------------------------- the entry point
@@ -721,6 +721,7 @@ def run_method(args, tasks):
 
 # What part 2 needs beyond part 1's imports.
 import argparse
+import errno
 import fcntl
 import hashlib
 import inspect
@@ -728,10 +729,13 @@ import json
 import math
 import multiprocessing
 import shutil
+import signal
 import statistics
 import sys
 import weakref
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import redirect_stderr, redirect_stdout
 
 from peft import LoraConfig, PeftConfig, PeftModel
@@ -820,11 +824,27 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    if args.jobs > 1 and (args.profile or WORLD_SIZE > 1):
+        parser.error("argument --jobs: --profile and torchrun time and share one process; run them with --jobs 1")
+    if args.analyze and args.resume:
+        parser.error("argument --resume: an analysis has no checkpoints; it starts over with --overwrite")
+    args.out = Path(args.out) if args.out else default_out(args)
+    if args.method != "all":  # with all, each method gets its own default (several_runs)
+        args.train = args.train or default_training(args.model, "finetune" if args.analyze else args.method)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 16 if args.model == "tiny" else 64
+    return args
+
+
+def argument_parser():
     parser = OneLineErrors(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     run = parser.add_argument_group("run")
-    run.add_argument("--method", default="finetune", choices=ALL_METHODS + ["all"],
+    run.add_argument("--method", default="finetune", choices=[*METHODS, "all"],
                      help="continual-learning method, or all of them side by side")
-    run.add_argument("--out", help="output folder (default runs/<method>)")
+    run.add_argument("--out", help="output folder (default runs/<method>; runs/<method>-2, -3, ... where that holds "
+                                   "an earlier run)")
     seeding = run.add_mutually_exclusive_group()
     seeding.add_argument("--seed", type=number(int, at_least=0, at_most=MAX_SEED), default=0,
                          help="seed for sampling and initialization")
@@ -835,7 +855,11 @@ def parse_args(argv=None):
                      help="with --seeds or --method all: run this many runs at a time, each in a process of its own "
                           "with its share of the CPU threads")
     run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
-    run.add_argument("--show", type=int, default=1, help="sample answers printed per task after each task")
+    run.add_argument("--threads", type=number(int, above=0),
+                     help="CPU threads per run (default: 1 for the tiny model, which a second thread speeds little "
+                          "and slows much on a machine shared with other work; else the cores, shared among --jobs)")
+    run.add_argument("--show", type=number(int, at_least=0), default=1,
+                     help="sample answers printed per task after each task")
     run.add_argument("--plan", action="store_true",
                      help="instead of a run: from the model's config alone (no weights), what each method would "
                           "train and how much memory one process needs; writes <out>/plan.json")
@@ -890,9 +914,9 @@ def parse_args(argv=None):
     model.add_argument("--lora-rank", type=number(int, above=0), default=8,
                        help="rank of LoRA adapters (--train lora)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="the weights' type; bfloat16 and float16 train through float32 master copies (float16 without loss "
-                            "scaling: prefer bfloat16); auto: float32 for tiny on any device, and for a real model "
-                            "bfloat16 on a GPU that has it, else float32")
+                       help="the weights' type; bfloat16 and float16 train through float32 master copies "
+                            "(float16 without loss scaling: prefer bfloat16); auto: float32 for tiny on any device, "
+                            "and for a real model bfloat16 on a GPU that has it, else float32")
     model.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     model.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     optim = parser.add_argument_group("optimization")
@@ -929,17 +953,24 @@ def parse_args(argv=None):
     cl.add_argument("--tir", action="store_true",
                     help="ewc: the paper's task-similarity-informed regularization: relax each weight's importance "
                          "by the new task's similarity to the task it mattered most to")
-    args = parser.parse_args(argv)
-    if args.jobs > 1 and (args.profile or WORLD_SIZE > 1):
-        parser.error("argument --jobs: --profile and torchrun time and share one process; run them with --jobs 1")
-    if args.analyze and args.resume:
-        parser.error("argument --resume: an analysis has no checkpoints; it starts over with --overwrite")
-    args.out = Path(args.out or f"runs/{'plan' if args.plan else args.analyze or args.method}")
-    if args.method != "all":  # with all, each method gets its own default (several_runs)
-        args.train = args.train or default_training(args.model, "finetune" if args.analyze else args.method)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 16 if args.model == "tiny" else 64
-    return args
+    return parser
+
+
+def default_out(args):
+    """runs/<method> (runs/plan, runs/pairs); when it holds an earlier run, the next free runs/<method>-2, -3, ...,
+    so that running a command again, perhaps with other flags, keeps what the last run found (said in a line).
+    --resume and --overwrite mean the run there; under torchrun every process must pick the same folder."""
+    first = Path("runs") / ("plan" if args.plan else args.analyze or args.method)
+    if args.plan or args.resume or args.overwrite or WORLD_SIZE > 1:
+        return first
+    out, number = first, 1
+    while out.exists() and any(p.name != ".lock" for p in out.iterdir()):
+        number += 1
+        out = first.with_name(f"{first.name}-{number}")
+    if out != first:
+        print(f"{first} holds an earlier run: this one goes to {out} (--out chooses the folder; --overwrite "
+              "replaces; --resume continues)")
+    return out
 
 
 def default_training(model, method):
@@ -1018,12 +1049,23 @@ def command_line(args):
     """What the command needs around its runs: one-line input errors, torchrun's processes, --out held for the
     command's life, --profile, and --rebuild-base before anything else."""
     disable_progress_bar()  # transformers' bars for loading and saving weights would bury the task's own
+    torch.set_num_threads(threads_per_run(args))
     with errors_in_one_line(args), processes(args), out_held(args.out), profiled(args):
         if args.rebuild_base:
             with main_process_first():
                 if RANK == 0:
                     rebuild_bases(args)
         yield
+
+
+CORES = torch.get_num_threads()  # torch's own default: the machine's cores
+
+
+def threads_per_run(args):
+    """--threads, else one for the tiny model: on 2 cores shared with another run its steps took 30-1,032 ms with two
+    threads each (OpenMP's threads spin while they wait for a core) and 36-37 ms with one (README: threads);
+    a real model's larger matrices use the cores, shared among the runs of --jobs."""
+    return args.threads or (1 if args.model == "tiny" else max(1, CORES // args.jobs))
 
 
 @contextmanager
@@ -1047,10 +1089,24 @@ def out_held(out):
             lock.seek(0)
             raise InputError(f"--out {out} is in use by another run ({lock.read().strip() or 'a process'}): wait for "
                              "it to end, or choose another --out") from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        lock.flush()
+        with disk_full_in_one_line(out / ".lock"):
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            lock.flush()
         yield
+
+
+@contextmanager
+def disk_full_in_one_line(where):
+    """A full disk while the run writes ends in one line; what was finished before is kept (checkpoints are written
+    beside the last one, and progress.json names a checkpoint only once it is whole)."""
+    try:
+        yield
+    except Exception as error:  # safetensors says so in an error of its own, not an OSError
+        if getattr(error, "errno", None) != errno.ENOSPC and "No space left on device" not in str(error):
+            raise
+        raise InputError(f"no space left on the disk while writing {where}: what was finished before is kept; free "
+                         "some space and go on with --resume") from None
 
 
 @contextmanager
@@ -1063,8 +1119,9 @@ def errors_in_one_line(args):
             raise
         sys.exit(f"cit.py: {error}" if RANK == 0 else 1)  # under torchrun every process stops; the first says why
     except KeyboardInterrupt:
-        print(f"\ncit.py: interrupted; what was finished is kept in {args.out} (a run goes on with --resume)",
-              file=sys.stderr)
+        kept = ("an analysis keeps nothing to go on from: start it again with --overwrite" if args.analyze else
+                f"what was finished is kept in {args.out} (a run goes on with --resume --out {args.out})")
+        print(f"\ncit.py: interrupted; {kept}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -1101,6 +1158,7 @@ def check_inputs(args):
         mixes = BASE_MIXES[args.base] if args.model == "tiny" else []
         args.held_in = [str(TINY_MIXES / mix) for mix in mixes if split_file(TINY_MIXES / mix, "test").is_file()]
     held_in_tasks(args)  # read now, so that bad held-in data is found before training
+    args.identity = run_identity(args)  # kept with the flags: what --resume compares the data by
     check_images(tasks)
     for name, task in tasks.items():
         not_a_box = next((r for e in task["test"] for r in e["references"] if not box(r)), None)
@@ -1109,29 +1167,37 @@ def check_inputs(args):
     if args.analyze and len(args.tasks) < 2:
         raise InputError(f"--analyze pairs trains every pair of tasks: it needs two or more, got {args.tasks[0]}")
     runs = [args.out / f"seed{seed}" for seed in args.seeds] if args.seeds else [args.out]
-    outs = [run / method for run in runs for method in ALL_METHODS] if args.method == "all" else runs
+    outs = [run / method for run in runs for method in METHODS] if args.method == "all" else runs
     for out in outs:
         if out.exists() and not out.is_dir():
             raise InputError(f"--out {out} is a file: results go into a folder")
         earlier = [out / f for f in ["results.json", "progress.json", "pairs.json"]]
         if not (args.resume or args.overwrite) and any(f.exists() for f in earlier):
-            raise InputError(f"--out {out} holds an earlier run: add --resume to continue it, --overwrite to "
-                             "replace it, or choose another --out")
-        if args.overwrite and RANK == 0:  # an interrupted replacement must not leave the old run's results
+            go_on = "" if args.analyze else "add --resume to continue it, "  # an analysis keeps no checkpoints
+            raise InputError(f"--out {out} holds an earlier run: {go_on}--overwrite to replace it, or choose "
+                             "another --out")
+    if args.overwrite and RANK == 0:  # an interrupted replacement must not leave anything of the run it replaces
+        for out in outs:
             remove_checkpoints(out)
-            for old in earlier:
-                old.unlink(missing_ok=True)
+            shutil.rmtree(out / "model", ignore_errors=True)
+        # a run's results and pictures, and the summaries that --seeds and --method all write in the folders above
+        for folder in {args.out, *runs, *outs}:
+            for name in ["results", "progress", "pairs", "summary"]:
+                for kind in ["json", "md", "png"]:
+                    (folder / f"{name}.{kind}").unlink(missing_ok=True)
     return tasks
 
 
 def check_images(tasks):
-    """Every picture the run will read opens as an image (its header and, for PNG, every chunk: no pixel decoded), so
-    that a broken file in the last task's data is found before the first task trains."""
+    """Every picture the run will read opens as an image, so that a broken file in the last task's data is found
+    before the first task trains: a PNG's every chunk is read and checked (no pixel decoded); any other picture is
+    decoded, since a JPEG cut short (COCO's, GQA's, TextVQA's are JPEG) has a header as good as a whole one's
+    (about 3.5 ms for a 640 x 480 JPEG here, about 7 minutes for COCO's 118 K train images)."""
     for path in sorted({e["image"] for task in tasks.values() for split in ["train", "test"] for e in task[split]
                         if e["image"]}):
         try:
             with Image.open(path) as image:
-                image.verify()
+                image.verify() if image.format == "PNG" else image.load()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise InputError(f"{path}: not a readable image ({error})") from None
 
@@ -1972,11 +2038,13 @@ def save_run(args, state, model, results):
     torchrun the first process writes."""
     if RANK > 0:
         return
-    model.save_pretrained(args.out / "model")
-    state["processor"].save_pretrained(args.out / "model")
-    if state.get("saved_with_model"):
-        torch.save({key: state[key] for key in state["saved_with_model"]}, args.out / "model" / "method_state.pt")
-    write_json(args.out / "results.json", results)
+    with disk_full_in_one_line(args.out / "model"):
+        model.save_pretrained(args.out / "model")
+        state["processor"].save_pretrained(args.out / "model")
+        if state.get("saved_with_model"):
+            torch.save({key: state[key] for key in state["saved_with_model"]}, args.out / "model" / "method_state.pt")
+        write_json(args.out / "results.json", results)
+        draw_results(results, args.out / "results.png")
     remove_checkpoints(args.out)  # <out>/model now holds the same weights
 
 
@@ -1991,29 +2059,74 @@ def bookkeeping(args, state, tasks, started):
 def finished_run(args):
     """--resume of a run that has finished: its results, as results.json keeps them; else None."""
     if args.resume and (args.out / "results.json").is_file():
-        results = json.loads((args.out / "results.json").read_text())
+        results = run_file(args.out / "results.json", ["config", "matrix"])
         check_same_run(results["config"], args)
         print(f"--resume: {args.method} had finished: {args.out / 'results.json'}")
         return results
     return None
 
 
+def run_file(path, keys):
+    """A run's own results.json or progress.json, or one line saying it is damaged (cut short, emptied, edited)."""
+    try:
+        saved = read_json(path)
+    except InputError as error:
+        saved = error
+    if not isinstance(saved, dict) or not all(key in saved for key in keys):
+        why = saved if isinstance(saved, InputError) else "not what a run writes"
+        raise InputError(f"--resume: {path} is damaged ({why}): start the run again with --overwrite")
+    return saved
+
+
 # Flags that cannot change what a run trains or scores: a resumed run may give them otherwise.
 HARMLESS = {"device", "show", "debug", "profile", "resume", "overwrite", "cache", "rebuild_base", "seeds", "jobs",
-            "eval_batch_size", "gradient_checkpointing", "trust_remote_code", "out"}
+            "threads", "eval_batch_size", "gradient_checkpointing", "trust_remote_code", "out"}
+
+
+# The flags that name data: compared by what they name and hold (run_identity), not as typed, where a run keeps that.
+PATH_FLAGS = {"data", "held_in", "image_root", "references"}
+
+
+def portable(path):
+    """A path as a run keeps it: resolved, and relative to the checkout where it lies in it, so that the same folder
+    named otherwise is the same, and a checkout moved elsewhere still finds its own tiny tasks."""
+    resolved = Path(path).resolve()
+    return f"<checkout>/{resolved.relative_to(HERE).as_posix()}" if resolved.is_relative_to(HERE) else str(resolved)
+
+
+def run_identity(args):
+    """What a run reads: a fingerprint of each task's and held-in task's record files and of each references file
+    (their bytes; the pictures are named by those records), and where the pictures are looked up."""
+    def fingerprint(*files):
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + path.read_bytes())
+        return digest.hexdigest()[:16]
+    files = {f"task {name}": fingerprint(*sorted((Path(args.data) / name).glob("*.json*"))) for name in args.tasks}
+    files |= {f"held-in task {Path(f).name}": fingerprint(*sorted(Path(f).glob("*.json*"))) for f in args.held_in}
+    files |= {f"references of {task}": fingerprint(Path(f)) for task, f in args.references.items()}
+    return {"files": files, "image_root": args.image_root and portable(args.image_root)}
 
 
 def check_same_run(saved, args):
-    """--resume goes on only with the flags the run was started with, but for HARMLESS ones; else one line naming
-    the first flag that differs and both values."""
+    """--resume goes on only with the flags the run was started with, but for HARMLESS ones, and on the same data,
+    however its folders are named now; else one line naming the first flag that differs and both values."""
     now = json.loads(json.dumps(vars(args), default=str))  # as results.json and progress.json keep them
-    different = [key for key in now if key not in HARMLESS and saved.get(key) != now[key]]
-    if different:
-        key = different[0]
+    ignored = HARMLESS | (PATH_FLAGS if "identity" in saved else {"identity"})  # runs before identities: as typed
+    different = [key for key in now if key not in ignored and saved.get(key) != now[key]]
+    flags = [key for key in different if key != "identity"]  # a flag first: other --tasks also read other files
+    if flags:
+        key = flags[0]
         shown = [",".join(map(str, v)) if isinstance(v, list) else v for v in (saved.get(key), now[key])]
         raise InputError(f"--resume: {args.out} holds a run with --{key.replace('_', '-')} {shown[0]}, not "
-                         f"{shown[1]}{f' (and {len(different) - 1} more)' if len(different) > 1 else ''}: give its "
+                         f"{shown[1]}{f' (and {len(flags) - 1} more)' if len(flags) > 1 else ''}: give its "
                          "flags, or --overwrite, or another --out")
+    if different:
+        was, new = saved["identity"], now["identity"]
+        changed = next((f"{item}'s files" for item in {**was["files"], **new["files"]}
+                        if was["files"].get(item) != new["files"].get(item)), "its pictures' --image-root")
+        raise InputError(f"--resume: {args.out} holds a run on other data ({changed} differ from those it was "
+                         "trained on): give its data, or --overwrite, or another --out")
 
 
 # What the loop itself puts in a method's state; everything else is the method's memory, kept in checkpoints.
@@ -2031,13 +2144,14 @@ def save_checkpoint(state, model, rng, task_names, matrix):
         return
     folder = args.out / f"checkpoint-{len(matrix)}"
     shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while saving
-    model.save_pretrained(folder / "model")
-    state["processor"].save_pretrained(folder / "model")
     memory = {key: value for key, value in state.items() if key not in LOOP_STATE}
-    torch.save({"memory": memory, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                "trains": list(trainable(model))}, folder / "state.pt")
-    write_json(args.out / "progress.json", {"tasks": task_names, "matrix": matrix, "checkpoint": folder.name,
-                                            "config": vars(args)})
+    with disk_full_in_one_line(folder):
+        model.save_pretrained(folder / "model")
+        state["processor"].save_pretrained(folder / "model")
+        torch.save({"memory": memory, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                    "trains": list(trainable(model))}, folder / "state.pt")
+        write_json(args.out / "progress.json", {"tasks": task_names, "matrix": matrix, "checkpoint": folder.name,
+                                                "config": vars(args)})
     remove_checkpoints(args.out, keep=folder)
 
 
@@ -2085,7 +2199,7 @@ def damaged(checkpoint):
 def find_checkpoint(args):
     """The checkpoint that --resume continues from, after checking that it is a run of the same kind."""
     progress = args.out / "progress.json"
-    saved = read_json(progress) if progress.is_file() else {}
+    saved = run_file(progress, ["checkpoint", "config", "tasks", "matrix"]) if progress.is_file() else {}
     if not (args.out / saved.get("checkpoint", "none") / "state.pt").is_file():
         print(f"--resume: no finished task in {args.out}: starting from the first one")
         return None
@@ -2196,6 +2310,12 @@ def format_table(rows, row_names, column_names, corner, digits=2):
     return "\n".join(lines)
 
 
+# What the metrics mean, said where they are printed and drawn (part 1's summarize and forward_transfer).
+METRICS_IN_A_LINE = ("average: the last row's mean; forgetting: an earlier task's best score before the end minus "
+                     "its last; bwt: its last minus its score just after training it; fwt: a task's score just "
+                     "before its training minus the base's")
+
+
 def print_results(results, out):
     rows, zero_shot = results["rows"], results["zero_shot"]
     table = format_table([zero_shot, *results["matrix"]], ["(base)", *rows], results["tasks"], "after \\ on")
@@ -2204,17 +2324,23 @@ def print_results(results, out):
         held_in = results["held_in"]
         table = format_table(held_in["matrix"], ["(base)", *rows], held_in["tasks"], "after \\ held-in")
         print(f"\nthe base's held-in tasks, never trained (forgetting {held_in['forgetting']:.3f})\n{table}")
-    fwt = "" if results["fwt"] is None else f"  fwt {results['fwt']:+.3f}"
-    print(f"\n{results['method']}: average {results['average']:.3f}  forgetting {results['forgetting']:.3f}  "
-          f"bwt {results['bwt']:+.3f}{fwt}  ({results['wall_time_s']:.0f} s)  -> {out / 'results.json'}")
+    if len(results["matrix"]) > 1:
+        fwt = "" if results["fwt"] is None else f"  fwt {results['fwt']:+.3f}"
+        metrics = f"forgetting {results['forgetting']:.3f}  bwt {results['bwt']:+.3f}{fwt}"
+    else:  # one row (joint): nothing learned earlier to forget
+        metrics = "forgetting -  bwt -"
+    print(f"\n{results['method']}: average {results['average']:.3f}  {metrics}  ({results['wall_time_s']:.0f} s)  "
+          f"-> {out / 'results.json'}, results.png\n({METRICS_IN_A_LINE})")
 
 
 def with_held_in(results):
-    """The held-in tasks as more columns of the matrix a picture draws, marked with a *."""
+    """The held-in tasks as more columns of the matrix a picture draws, the base's row too, marked with a *."""
     if "held_in" not in results:
         return {}
-    return {"tasks": [*results["tasks"], *(f"*{t}" for t in results["held_in"]["tasks"])],
-            "matrix": [row + held for row, held in zip(results["matrix"], results["held_in"]["matrix"])]}
+    held = results["held_in"]
+    return {"tasks": [*results["tasks"], *(f"*{t}" for t in held["tasks"])],
+            "matrix": [row + held_row for row, held_row in zip(results["matrix"], held["matrix"])],
+            "zero_shot": results["zero_shot"] + held["base"]}
 
 
 def compare(runs, out):
@@ -2224,6 +2350,7 @@ def compare(runs, out):
     for results in zip(*runs):  # one method, every seed
         summary["methods"][results[0]["method"]] = {
             "tasks": results[0]["tasks"], "rows": results[0]["rows"],
+            "zero_shot": mean_matrix([[r["zero_shot"]] for r in results])[0],
             "matrix": mean_matrix([r["matrix"] for r in results]),
             **{key: spread([r.get(key) for r in results])
                for key in ["average", "forgetting", "bwt", "fwt", "wall_time_s"]},
@@ -2232,6 +2359,7 @@ def compare(runs, out):
         if "held_in" in results[0]:  # below the base's row, as the main matrix's rows
             summary["methods"][results[0]["method"]]["held_in"] = {
                 "tasks": results[0]["held_in"]["tasks"],
+                "base": mean_matrix([r["held_in"]["matrix"][:1] for r in results])[0],
                 "matrix": mean_matrix([r["held_in"]["matrix"][1:] for r in results])}
     if RANK > 0:  # under torchrun the first process writes
         return summary
@@ -2242,58 +2370,173 @@ def compare(runs, out):
               f"| {show(m['fwt'], '+.3f')} | {show(m['diagonal'])} | {show(m['held_in_forgetting'])} "
               f"| {show(m['wall_time_s'], '.0f')} |" for method, m in summary["methods"].items()]
     seeds = f"mean ± sd over seeds {', '.join(map(str, summary['seeds']))}" if len(runs) > 1 else ""
-    table = "\n".join(lines) + (f"\n\n({seeds})" if seeds else "")
+    table = "\n".join(lines) + (f"\n\n({seeds})" if seeds else "") + shorter_than_the_tables(runs[0][0]["config"])
     print(f"\n{table}")
     (out / "summary.md").write_text(table + "\n")
     means = [{"method": method, "average": m["average"]["mean"], "forgetting": m["forgetting"]["mean"],
-              **{key: m[key] for key in ["tasks", "rows", "matrix", "held_in"] if key in m}}
+              **{key: m[key] for key in ["tasks", "rows", "zero_shot", "matrix", "held_in"] if key in m}}
              for method, m in summary["methods"].items()]
     held_in = "   *: the base's held-in tasks, never trained" if any("held_in" in m for m in means) else ""
     draw_matrices([m | with_held_in(m) for m in means], out / "summary.png", seeds + held_in)
     return summary
 
 
-ROW_LABELS = 80  # pixels left of a heatmap for its row names
+TEXT = 14  # pixels: every picture's text, readable at 100%
+COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]  # one a task, in the lines of results.png
 
 
-def draw_heatmap(draw, x0, y0, matrix, row_names, column_names, low=0.0, high=1.0, cell=30, digits=1):
-    """A matrix as labelled cells, darker for higher values between low and high; None cells stay blank.
+def typeface(size=TEXT):
+    return ImageFont.load_default(size=size)  # Pillow's scalable default font: no font file needed
 
-    Returns its width."""
-    font, left = ImageFont.load_default(size=11), ROW_LABELS
+
+def text_width(text, size=TEXT):
+    return int(typeface(size).getlength(text))
+
+
+def upright(picture, x, y, text):
+    """A column's name written upwards, whole, its foot at (x, y)."""
+    label = Image.new("RGB", (text_width(text) + 4, TEXT + 6), "white")
+    ImageDraw.Draw(label).text((2, 1), text, fill="black", font=typeface())
+    label = label.rotate(90, expand=True)
+    picture.paste(label, (x, y - label.height))
+
+
+def shade(level):
+    """A colour from white (the low end of a scale, 0) to dark blue (its high end, 1)."""
+    level = min(max(level, 0.0), 1.0)
+    return (int(255 - 225 * level), int(255 - 190 * level), int(255 - 80 * level))
+
+
+def heatmap_size(row_names, column_names, cell):
+    """(width, height) of draw_heatmap's picture: row names left, column names above, written upwards."""
+    left = max(map(text_width, row_names)) + 10
+    head = max(map(text_width, column_names)) + 10
+    return left + len(column_names) * cell, head + len(row_names) * cell
+
+
+def draw_heatmap(picture, x0, y0, matrix, row_names, column_names, low=0.0, high=1.0, cell=44, digits=2):
+    """A matrix as labelled cells, darker for higher values between low and high (draw_colour_bar says which);
+    None cells stay blank."""
+    draw = ImageDraw.Draw(picture)
+    width, height = heatmap_size(row_names, column_names, cell)
+    left, head = width - len(column_names) * cell, height - len(row_names) * cell
+    for j, name in enumerate(column_names):
+        upright(picture, x0 + left + j * cell + (cell - TEXT) // 2 - 3, y0 + head - 4, name)
     for i, (row_name, row) in enumerate(zip(row_names, matrix)):
-        draw.text((x0 + 4, y0 + i * cell + 9), row_name[:11], fill="black", font=font)
+        y = y0 + head + i * cell
+        draw.text((x0 + 2, y + (cell - TEXT) // 2), row_name, fill="black", font=typeface())
         for j, value in enumerate(row):
             if value is None:
                 continue
-            level = min(max((value - low) / (high - low), 0.0), 1.0) if high > low else 0.5
-            shade = int(255 * (1 - level))
-            square = [x0 + left + j * cell, y0 + i * cell, x0 + left + (j + 1) * cell - 2, y0 + (i + 1) * cell - 2]
-            draw.rectangle(square, fill=(shade, shade, 255))
-            draw.text((square[0] + 3, square[1] + 9), f"{value:.{digits}f}", fill="white" if level > 0.5 else "black",
-                      font=font)
-    for j, name in enumerate(column_names):
-        label_y = y0 + len(row_names) * cell + 4 + 12 * (j % 2)  # staggered so long names don't collide
-        draw.text((x0 + left + j * cell, label_y), name[:6], fill="black", font=font)
-    return left + len(column_names) * cell
+            level = (value - low) / (high - low) if high > low else 0.5
+            square = [x0 + left + j * cell, y, x0 + left + (j + 1) * cell - 2, y + cell - 2]
+            draw.rectangle(square, fill=shade(level))
+            draw.text((square[0] + 3, y + (cell - TEXT) // 2), f"{value:.{digits}f}",
+                      fill="white" if level > 0.55 else "black", font=typeface(TEXT - 2))
 
 
-def draw_matrices(all_results, path, note="", cell=30):
-    """Each method's accuracy matrix as a small heatmap (dark = high score), side by side, with pillow."""
-    font = ImageFont.load_default(size=11)
-    names = all_results[0]["tasks"]
-    top, gap, width = 46, 20, ROW_LABELS + len(names) * cell
-    picture = Image.new("RGB", (len(all_results) * (width + gap), top + len(names) * cell + 60 + 16 * bool(note)),
+def draw_colour_bar(picture, x, y, height, low, high, digits=2):
+    """The heatmaps' scale: its colours from low (bottom) to high (top), with both ends and the middle written."""
+    draw = ImageDraw.Draw(picture)
+    for k in range(height):
+        draw.line([x, y + height - 1 - k, x + 14, y + height - 1 - k], fill=shade(k / (height - 1)))
+    draw.rectangle([x, y, x + 14, y + height - 1], outline="gray")
+    for fraction in [0, 0.5, 1]:
+        value = low + fraction * (high - low)
+        draw.text((x + 18, y + height - 1 - fraction * (height - 1) - TEXT // 2), f"{value:.{digits}f}",
+                  fill="black", font=typeface())
+
+
+def draw_axes(picture, box, x_ticks, y_range, y_title, y_digits=2):
+    """A chart's frame: a y axis with five ticks over y_range, x ticks at the given positions (0..1 across) with
+    their names written upwards below; returns the point of (x, y) in 0..1 of the box and y_range."""
+    draw = ImageDraw.Draw(picture)
+    x0, y0, x1, y1 = box
+    low, high = y_range
+    draw.line([x0, y0, x0, y1, x1, y1], fill="black", width=1)
+    for k in range(5):
+        y = y1 - k * (y1 - y0) / 4
+        draw.line([x0 - 4, y, x0, y], fill="black")
+        draw.line([x0 + 1, y, x1, y], fill=(230, 230, 230))
+        label = f"{low + k * (high - low) / 4:.{y_digits}f}"
+        draw.text((x0 - 8 - text_width(label), y - TEXT // 2), label, fill="black", font=typeface())
+    for position, name in x_ticks:
+        x = x0 + position * (x1 - x0)
+        draw.line([x, y1, x, y1 + 4], fill="black")
+        upright(picture, int(x - TEXT // 2 - 3), y1 + 8 + text_width(name), name)
+    draw.text((x0, y0 - TEXT - 8), y_title, fill="black", font=typeface())
+    return lambda x, y: (x0 + x * (x1 - x0), y1 - (y - low) / (high - low or 1) * (y1 - y0))
+
+
+def wrapped(text, width, size=TEXT):
+    """The text in lines no wider than width, broken between words."""
+    lines = [""]
+    for word in text.split():
+        if lines[-1] and text_width(f"{lines[-1]} {word}", size) > width:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {word}".strip()
+    return lines
+
+
+def draw_results(results, path):
+    """<out>/results.png, a single run's picture: the accuracy matrix with the base's row and the held-in tasks'
+    columns, and each task's score along the sequence (the matrix's columns) as lines."""
+    rows, tasks, held = ["(base)", *results["rows"]], results["tasks"], results.get("held_in")
+    matrix = [results["zero_shot"], *results["matrix"]]
+    columns = [*tasks, *(f"*{t} (held-in)" for t in held["tasks"])] if held else tasks
+    if held:
+        matrix = [row + held_row for row, held_row in zip(matrix, held["matrix"])]
+    cell = 48
+    width, height = heatmap_size(rows, columns, cell)
+    chart = (80, 76 + height + 90, 80 + max(360, 60 * len(rows)), 76 + height + 90 + 240)
+    legend = max(map(text_width, columns)) + 40
+    picture = Image.new("RGB", (max(width + 90, chart[2] + legend) + 20, chart[3] + 24 + max(map(text_width, rows))),
                         "white")
     draw = ImageDraw.Draw(picture)
+    summary = (f"{results['method']}: average {results['average']:.2f}, forgetting "
+               f"{'-' if len(results['matrix']) < 2 else format(results['forgetting'], '.2f')}, bwt "
+               f"{'-' if len(results['matrix']) < 2 else format(results['bwt'], '+.2f')}")
+    draw.text((10, 8), summary, fill="black", font=typeface(TEXT + 4))
+    notes = wrapped(f"{METRICS_IN_A_LINE}. Row: after training the task named; column: its score on each task (*: "
+                    "the base's held-in tasks, never trained).", picture.width - 20, TEXT - 2)
+    for k, line in enumerate(notes):
+        draw.text((10, 34 + k * TEXT), line, fill="gray", font=typeface(TEXT - 2))
+    draw_heatmap(picture, 10, 76, matrix, rows, columns, cell=cell)
+    draw_colour_bar(picture, 10 + width + 16, 76 + height - len(rows) * cell, len(rows) * cell, 0.0, 1.0)
+    draw.text((chart[0] - 70, chart[1] - 48), "each task's score after each training stage (a column of the "
+              "matrix)", fill="black", font=typeface())
+    point = draw_axes(picture, chart, [(i / (len(rows) - 1 or 1), r) for i, r in enumerate(rows)], (0.0, 1.0),
+                      "score")
+    for j, name in enumerate(columns):
+        colour = COLOURS[j % len(COLOURS)]
+        points = [point(i / (len(rows) - 1 or 1), row[j]) for i, row in enumerate(matrix)]
+        draw.line(points, fill=colour, width=2 + 1 * (j < len(tasks)))
+        draw.text((chart[2] + 12, chart[1] + j * (TEXT + 6)), name, fill=colour, font=typeface())
+    picture.save(path)
+
+
+def draw_matrices(all_results, path, note=""):
+    """Each method's (mean) accuracy matrix with the base's row, side by side, one colour bar for all."""
+    cell = 40
+    names = all_results[0]["tasks"]
+    rows = ["(base)", *all_results[0]["rows"]]
+    width = max(heatmap_size(["(base)", *r["rows"]], names, cell)[0] for r in all_results)
+    height = heatmap_size(rows, names, cell)[1]
+    picture = Image.new("RGB", (len(all_results) * (width + 24) + 80, 70 + height + 40 + 24 * bool(note)), "white")
+    draw = ImageDraw.Draw(picture)
     for k, result in enumerate(all_results):
-        x0 = k * (width + gap)
-        draw.text((x0 + ROW_LABELS, 4), result["method"], fill="black", font=ImageFont.load_default(size=14))
-        draw.text((x0 + ROW_LABELS, 22), f"avg {result['average']:.2f}  forgetting {result['forgetting']:.2f}",
-                  fill="black", font=font)
-        draw.text((x0 + 4, 22), "after \\ on", fill="gray", font=font)
-        draw_heatmap(draw, x0, top, result["matrix"], result["rows"], names, cell=cell)
-    draw.text((4, top + len(names) * cell + 40), note, fill="black", font=font)
+        x0 = 10 + k * (width + 24)
+        forgetting = "-" if len(result["rows"]) < 2 else f"{result['forgetting']:.2f}"
+        draw.text((x0, 8), result["method"], fill="black", font=typeface(TEXT + 4))
+        draw.text((x0, 34), f"average {result['average']:.2f}, forgetting {forgetting}", fill="black",
+                  font=typeface())
+        draw_heatmap(picture, x0, 60, [result["zero_shot"], *result["matrix"]], ["(base)", *result["rows"]], names,
+                     cell=cell)
+    bar_height = len(rows) * cell
+    draw_colour_bar(picture, len(all_results) * (width + 24) + 10, 60 + height - bar_height, bar_height, 0.0, 1.0)
+    draw.text((10, 70 + height + 10), "row: after training the task named; column: the score on each task"
+              + (f";  {note}" if note else ""), fill="gray", font=typeface())
     picture.save(path)
 
 
@@ -2302,11 +2545,12 @@ def several_runs(args, tasks):
     """--seeds, --method all, --analyze pairs: part 1's run_method (or the pair analysis) once per seed and method,
     --jobs of them at a time; then the methods side by side per seed (<out>[/seed<k>]/summary.*) and over seeds."""
     seeds = [with_args(args, seed=seed, out=args.out / f"seed{seed}") for seed in args.seeds] if args.seeds else [args]
-    methods = ALL_METHODS if args.method == "all" and not args.analyze else [None]
+    methods = list(METHODS) if args.method == "all" and not args.analyze else [None]
     runs = [(method, one if method is None else with_args(one, method=method, out=one.out / method,
                                                            train=one.train or default_training(one.model, method)))
             for one in seeds for method in methods]
-    done = side_by_side(analyze_pairs if args.analyze else run_method, runs, tasks, args.jobs)
+    done = side_by_side(analyze_pairs if args.analyze else run_method, runs, tasks, args.jobs,
+                        threads_per_run(args))
     per_seed = [done[k:k + len(methods)] for k in range(0, len(done), len(methods))]
     if methods != [None]:
         for one, results in zip(seeds, per_seed):
@@ -2318,9 +2562,10 @@ def several_runs(args, tasks):
     return compare(per_seed, args.out)
 
 
-def side_by_side(function, runs, tasks, jobs):
+def side_by_side(function, runs, tasks, jobs, threads):
     """function(args, tasks) for each run: one after another, or --jobs of them at a time, each in a process of its
-    own with its share of the cores, printing into <out>/log.txt; a line says when each has finished."""
+    own with `threads` threads, printing into <out>/log.txt; a line says when each has finished."""
+    jobs = min(jobs, len(runs))  # a worker without a run would only hold memory
     if jobs == 1:
         done = []
         for method, one in runs:
@@ -2328,29 +2573,55 @@ def side_by_side(function, runs, tasks, jobs):
                 print(f"\n======== {method} ========")
             done.append(function(one, tasks))
         return done
-    threads = max(1, torch.get_num_threads() // jobs)
     print(f"--jobs {jobs}: {len(runs)} runs, {jobs} at a time with {threads} thread(s) each; each prints into "
           "<its out>/log.txt")
     # spawn, not fork: a process forked from one whose torch has started its threads can hang
-    spawn = multiprocessing.get_context("spawn")
-    with spawn.Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        pending = [pool.apply_async(logged, (function, one, tasks)) for _, one in runs]
-        done = []
-        for (_, one), job in zip(runs, pending):
-            done.append(job.get())
-            average = done[-1].get("average") if isinstance(done[-1], dict) else None
-            shown = "" if average is None else f"  average {average:.3f}"
-            print(f"  {len(done)}/{len(runs)} done: {one.out}{shown}")
-        pool.close()  # the workers end of themselves: terminated, they would leave a semaphore behind
-        pool.join()
+    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), torch.set_num_threads, (threads,))
+    pending = [pool.submit(logged, function, one, tasks) for _, one in runs]
+    done = []
+    try:
+        with workers_end_with_the_command():
+            for (_, one), job in zip(runs, pending):
+                done.append(job.result())
+                average = done[-1].get("average") if isinstance(done[-1], dict) else None
+                shown = "" if average is None else f"  average {average:.3f}"
+                print(f"  {len(done)}/{len(runs)} done: {one.out}{shown}")
+    except BrokenProcessPool:  # a worker was killed (by the kernel for want of memory, say): the others end too
+        unfinished = ", ".join(str(one.out) for (_, one), job in zip(runs, pending)
+                               if not job.done() or job.exception())
+        raise InputError(f"a process of --jobs died (killed from outside, or for want of memory) while running "
+                         f"{unfinished}: the finished runs and tasks are kept, and every run goes on with "
+                         "--resume") from None
+    except BaseException:  # Ctrl-C, SIGTERM, SIGHUP, an error: the workers are ended, not waited for
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in list(pool._processes.values()):  # (Python 3.14 has pool.terminate_workers() for this)
+            worker.terminate()
+            worker.join()
+        raise
+    pool.shutdown()  # the workers end of themselves: terminated, they would leave a semaphore behind
     return done
+
+
+@contextmanager
+def workers_end_with_the_command():
+    """SIGTERM and SIGHUP (kill, a closed terminal) end the command as Ctrl-C does: its workers are ended and
+    waited for before --out's lock is let go, so that no run goes on writing into a folder nobody holds."""
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+    before = {number: signal.signal(number, interrupt) for number in [signal.SIGTERM, signal.SIGHUP]}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
 
 
 def logged(function, args, tasks):
     """One run of side_by_side, in its own process, its output in <out>/log.txt."""
     disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "log.txt", "w") as log, redirect_stdout(log), redirect_stderr(log):
+    # appended: a resumed run's log keeps what came before the interruption
+    with open(args.out / "log.txt", "a" if args.resume else "w") as log, redirect_stdout(log), redirect_stderr(log):
         return function(args, tasks)
 
 
@@ -2366,6 +2637,23 @@ def show(entry, form=".3f"):
     if entry["mean"] is None:
         return "-"
     return f"{entry['mean']:{form}}" + ("" if entry["sd"] is None else f" ± {entry['sd']:{form.lstrip('+')}}")
+
+
+def shorter_than_the_tables(config):
+    """A note for a comparison of the tiny world run shorter than the README's tables (fewer steps, tasks or
+    examples, one seed): such a run ranks the methods by fewer and noisier scores, and may rank them otherwise."""
+    if config["model"] != "tiny" or Path(config["data"]).resolve() != HERE / "tiny_tasks":
+        return ""
+    defaults = argument_parser()
+    shorter = [f"--{flag.replace('_', '-')} {config[flag]}" for flag in ["steps", "max_train", "max_test"]
+               if config[flag] is not None and config[flag] < (defaults.get_default(flag) or math.inf)]
+    if len(config["tasks"]) < len(TASK_ORDER):
+        shorter.append(f"{len(config['tasks'])} of the {len(TASK_ORDER)} tasks")
+    if not shorter:
+        return ""
+    return (f"\n\nNote: this comparison is shorter than the README's tables ({', '.join(shorter)}): its ranking of "
+            "the methods may differ from theirs, and one seed's differences can be noise (--seeds 0,1,2 shows the "
+            "spread).")
 
 
 def mean_matrix(matrices):
@@ -2392,13 +2680,14 @@ def compare_pairs(reports, out):
                               for part in reports[0]["similarity"]}}
     write_json(out / "summary.json", summary)
     lines = ["| Spearman correlation | over all pairs | within rows |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {show(entry, '+.2f')} | {show(summary['spearman_within_rows'][name], '+.2f')} |"
+    lines += [f"| {name} | {show(entry, '+.2f')} | "
+              f"{within_or_why(summary, show(summary['spearman_within_rows'][name], '+.2f'))} |"
               for name, entry in summary["spearman"].items()]
     table = "\n".join(lines) + f"\n\n(over seeds {', '.join(map(str, summary['seeds']))})"
     print(f"\n{table}")
     (out / "summary.md").write_text(table + "\n")
-    draw_pairs({**summary, "spearman": {name: entry["mean"] for name, entry in summary["spearman"].items()}},
-               out / "summary.png")
+    draw_pairs({**summary, **{kind: {name: entry["mean"] for name, entry in summary[kind].items()}
+                              for kind in ["spearman", "spearman_within_rows"]}}, out / "summary.png")
     return summary
 
 
@@ -2524,38 +2813,54 @@ def print_pairs(report):
           "(each A's own, averaged over the A's):")
     for name, rho in report["spearman"].items():
         within = report["spearman_within_rows"][name]
-        print(f"  {name:<48} {'undefined' if rho is None else f'{rho:+.2f}':>9}  "
-              f"{'undefined' if within is None else f'{within:+.2f}':>9}")
+        within = within_or_why(report, 'undefined' if within is None else f'{within:+.2f}')
+        print(f"  {name:<48} {'undefined' if rho is None else f'{rho:+.2f}':>9}  {within:>9}")
     print(f"\n({report['wall_time_s']:.0f} s)  -> {report['config']['out']}/pairs.json, pairs.png")
 
 
-def draw_pairs(report, path, cell=36):
-    """Pair forgetting and combined similarity as heatmaps side by side, and one against the other as a scatter."""
-    names, font = report["tasks"], ImageFont.load_default(size=12)
+def within_rows_shown(report):
+    """Whether the within-row correlations mean something: each row ranks len(tasks) - 1 pairs, and with two or
+    three points a rank correlation can only be +-1, +-0.5 or 0."""
+    return len(report["tasks"]) >= 5
+
+
+def within_or_why(report, shown):
+    return shown if within_rows_shown(report) else f"{shown} (from {len(report['tasks']) - 1} points a row: too few)"
+
+
+def draw_pairs(report, path, cell=44):
+    """Pair forgetting and combined similarity as heatmaps, each with its own scale (their ranges differ), and one
+    against the other as a scatter plot over the ordered pairs."""
+    names = report["tasks"]
     forgetting, similarity = report["pair_forgetting"], report["similarity"]["combined"]
     xs, ys = off_diagonal(similarity, forgetting)
-    top, side = 40, len(names) * cell
-    picture = Image.new("RGB", (2 * (ROW_LABELS + side) + 80 + side + 60, top + side + 80), "white")
+    # a task's similarity to itself (1) is no pair's: left blank, so that the scale spans the pairs alone
+    similarity = [[None if i == j else value for j, value in enumerate(row)] for i, row in enumerate(similarity)]
+    width, height = heatmap_size(names, names, cell)
+    side = len(names) * cell
+    picture = Image.new("RGB", (2 * (width + 90) + side + 150, 60 + height + 90), "white")
     draw = ImageDraw.Draw(picture)
-    x0 = 0
-    for title, matrix, values in [("pair forgetting (row A, column B)", forgetting, ys),
-                                  ("combined similarity", similarity, xs)]:
-        draw.text((x0 + ROW_LABELS, 10), title, fill="black", font=font)
-        x0 += draw_heatmap(draw, x0, top, matrix, names, names, min(values), max(values), cell, digits=2) + 20
-    # The scatter: x = similarity, y = forgetting, over the same off-diagonal pairs.
-    frame = [x0 + 40, top, x0 + 40 + side, top + side]
-    draw.rectangle(frame, outline="black")
-    rho = report["spearman"]["pair_forgetting vs combined similarity"]
-    draw.text((x0 + 40, 10), "forgetting vs similarity" + ("" if rho is None else f" (Spearman {rho:+.2f})"),
-              fill="black", font=font)
-    span = [(min(v), max(v) if max(v) > min(v) else min(v) + 1) for v in (xs, ys)]
+    x0 = 10
+    for title, matrix, values, digits in [("pair forgetting: A's score lost (row A, then column B)", forgetting, ys, 2),
+                                          ("combined similarity of A and B", similarity, xs, 3)]:
+        draw.text((x0, 8), title, fill="black", font=typeface())
+        draw_heatmap(picture, x0, 40, matrix, names, names, min(values), max(values), cell, digits)
+        draw_colour_bar(picture, x0 + width + 10, 40 + height - side, side, min(values), max(values), digits)
+        x0 += width + 90
+    rho, within = (report[key]["pair_forgetting vs combined similarity"] for key in ["spearman",
+                                                                                     "spearman_within_rows"])
+    said = "" if rho is None else f": Spearman {rho:+.2f} over pairs" + (
+        "" if within is None or not within_rows_shown(report) else f", {within:+.2f} within rows")
+    for k, line in enumerate(wrapped(f"forgetting against similarity{said}", side + 60)):
+        draw.text((x0 + 50, 8 + k * (TEXT + 4)), line, fill="black", font=typeface())
+    low, high = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    ticks = [(k / 4, f"{low + k * (high - low) / 4:.3f}") for k in range(5)]
+    box = (x0 + 70, 40 + height - side, x0 + 70 + side, 40 + height)
+    point = draw_axes(picture, box, ticks, (min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1), "forgetting")
     for x, y in zip(xs, ys):
-        px = frame[0] + 5 + (side - 10) * (x - span[0][0]) / (span[0][1] - span[0][0])
-        py = frame[3] - 5 - (side - 10) * (y - span[1][0]) / (span[1][1] - span[1][0])
-        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(40, 40, 200))
-    draw.text((frame[0], frame[3] + 4), f"similarity {span[0][0]:.3f} .. {span[0][1]:.3f}", fill="black", font=font)
-    draw.text((frame[0], frame[3] + 20), f"forgetting {span[1][0]:.2f} .. {span[1][1]:.2f} (bottom to top)",
-              fill="black", font=font)
+        px, py = point((x - low) / (high - low), y)
+        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=COLOURS[0])
+    draw.text((box[2] - text_width("similarity"), box[3] + 60), "similarity", fill="black", font=typeface())
     picture.save(path)
 
 
@@ -2575,7 +2880,7 @@ def plan(args):
     auto = torch.float32 if args.model == "tiny" else torch.bfloat16
     dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     tasks = args.tasks or default_task_names(Path(args.data))
-    methods = ALL_METHODS if args.method == "all" else [args.method]
+    methods = list(METHODS) if args.method == "all" else [args.method]
     model = meta_model(args, dtype)
     parts = model_parts(model)
     counts = {part: sum(p.numel() for n, p in model.named_parameters() if inside(n, parts[part])

@@ -6,9 +6,12 @@ import math
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the network: the tiny model is built here
 
@@ -296,6 +299,7 @@ def test_bad_data_ends_in_one_line_naming_the_file_and_the_problem(tmp_path, cap
     (["--tasks", "count,ocr,count"], "--tasks: each task once"),
     (["--method", "magic"], "--method: invalid choice"),
     (["--steps", "0"], "--steps: must be above 0"),
+    (["--show", "-1"], "--show: must be 0 or above"),
     (["--batch-size", "-4"], "--batch-size: must be above 0"),
     (["--lr", "0"], "--lr: must be above 0"),
     (["--lr", "inf"], "--lr: must be a finite number"),
@@ -339,6 +343,10 @@ def test_a_broken_picture_or_a_reference_that_is_no_box_in_a_later_task_ends_bef
     (tmp_path / "data" / "second" / "images" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     flags = ["--data", str(tmp_path / "data"), "--tasks", "first,second", "--out", str(tmp_path / "out")]
     assert "second/images/1.png: not a readable image" in input_error(capsys, *flags)
+    photo = tmp_path / "photo.jpg"  # a JPEG cut short: its header is as good as a whole one's
+    Image.effect_noise((64, 48), 60).convert("RGB").save(photo, quality=90)
+    (tmp_path / "data" / "second" / "images" / "1.png").write_bytes(photo.read_bytes()[:-300])
+    assert "second/images/1.png: not a readable image (image file is truncated" in input_error(capsys, *flags)
     Image.new("RGB", (50, 20)).save(tmp_path / "data" / "second" / "images" / "1.png")
     line = input_error(capsys, *flags, "--metrics", "second=iou")
     assert "task second is scored by iou, but its answer 'red' is not a box" in line
@@ -406,7 +414,8 @@ def test_forgetting_uses_the_best_earlier_score_not_the_first():
 
 def hand_made(method, seed, matrix, rows=("a", "b")):
     return {"method": method, "tasks": ["a", "b"], "rows": list(rows), "matrix": matrix, **cit.summarize(matrix),
-            "fwt": cit.forward_transfer(matrix, [0.1, 0.1]), "wall_time_s": 10.0 + seed, "config": {"seed": seed}}
+            "fwt": cit.forward_transfer(matrix, [0.1, 0.1]), "zero_shot": [0.1, 0.1], "wall_time_s": 10.0 + seed,
+            "config": {"seed": seed, "model": "some/lmm"}}
 
 
 def test_seeds_are_summarized_by_mean_and_sample_sd(tmp_path):
@@ -428,7 +437,7 @@ def test_seeds_are_summarized_by_mean_and_sample_sd(tmp_path):
     table = (tmp_path / "summary.md").read_text()  # fwt: R[0][1] = 0 against the base's 0.1 on both seeds
     assert ("| finetune | 0.500 ± 0.141 | 0.600 ± 0.000 | -0.600 ± 0.000 | -0.100 ± 0.000 | 0.800 ± 0.141 "
             "| 0.500 ± 0.141 | 10 ± 1 |") in table  # held-in forgetting: 0.6 and 0.4
-    assert "| joint | 0.700 ± 0.141 | 0.000 ± 0.000 | +0.000 ± 0.000 | - | - | - | 10 ± 1 |" in table
+    assert "| joint | 0.700 ± 0.141 | - | - | - | - | - | 10 ± 1 |" in table
     assert torch.allclose(torch.tensor(finetune["held_in"]["matrix"]), torch.tensor([[0.6], [0.4]]))  # as R's rows
     assert Image.open(tmp_path / "summary.png").size[0] > 2 * 100
 
@@ -693,6 +702,22 @@ def test_eproj_copies_what_train_says_the_connector_by_default_and_lora_with_the
 
 
 # ---- the loop
+def test_a_method_is_added_by_a_few_lines_and_one_entry_in_methods(tmp_path, cache, monkeypatch):
+    """As the README shows: an L2 penalty towards the weights after the last task, in 7 lines."""
+    def l2_after_task(state, model, examples):
+        state["anchor"] = cit.snapshot(model)
+
+    def l2_penalty(state, model, batch, logits):
+        if "anchor" not in state:
+            return 0.0
+        return 1e3 * sum(((p - state["anchor"][name]) ** 2).sum() for name, p in cit.trainable(model).items())
+    monkeypatch.setitem(cit.METHODS, "l2", {"after_task": l2_after_task, "extra_loss": l2_penalty})
+    results = run(tmp_path, cache, "--method", "l2", "--tasks", "count,ocr", "--steps", "3", "--max-test", "4")
+    assert results["method"] == "l2" and len(results["matrix"]) == 2
+    assert "l2" in {r["method"] for r in run(tmp_path / "all", cache, "--method", "all", "--tasks", "count",
+                                                 "--steps", "1", "--max-test", "2")}
+
+
 def test_the_loop_calls_a_methods_hooks_in_order(tmp_path, cache, monkeypatch):
     calls = []
 
@@ -763,8 +788,8 @@ def test_the_tiny_world_is_regenerated_bit_for_bit(tmp_path):
     sys.path.insert(0, str(cit.HERE / "tiny_tasks"))
     import make_tiny_tasks
     make_tiny_tasks.main(root=tmp_path)
-    data = lambda root: {p.relative_to(root): p for p in root.rglob("*") if p.is_file() and "models" not in p.parts
-                         and p.suffix in [".json", ".png"]}
+    data = lambda root: {p.relative_to(root): p for p in root.rglob("*") if p.is_file() and p.suffix in [".json", ".png"]
+                         and not {"models", "pictures"} & set(p.parts)}  # the bases, and the README's pictures
     made, shipped = data(tmp_path), data(cit.HERE / "tiny_tasks")
     assert sorted(made) == sorted(shipped) and len(made) > 7000  # every image and record file, none left out
     assert all(made[p].read_bytes() == shipped[p].read_bytes() for p in made)
@@ -783,10 +808,10 @@ def test_sequential_finetuning_forgets_and_joint_training_does_not(tmp_path, cac
 def test_every_method_runs_and_all_draws_the_comparison(tmp_path, cache):
     results = run(tmp_path, cache, "--method", "all", "--tasks", "count,ocr", "--steps", "2", "--max-test", "4",
                   "--ewc-samples", "8")
-    assert [r["method"] for r in results] == cit.ALL_METHODS
+    assert [r["method"] for r in results] == list(cit.METHODS)
     assert "| eproj |" in (tmp_path / "out" / "summary.md").read_text()
     assert Image.open(tmp_path / "out" / "summary.png").size[0] > 6 * 100
-    assert results[cit.ALL_METHODS.index("eproj")]["routing_accuracy"] == 1.0  # counting and reading look apart
+    assert results[list(cit.METHODS).index("eproj")]["routing_accuracy"] == 1.0  # counting and reading look apart
     trained = {r["method"]: r["config"]["train"] for r in results}  # each method's own default, as it trained
     assert trained == {"finetune": "all", "ewc": "all", "lwf": "all", "replay": "all", "eproj": "connector",
                        "joint": "all"}
@@ -821,7 +846,7 @@ def test_jobs_run_side_by_side_to_the_results_of_one_at_a_time(tmp_path, cache):
         together = run(tmp_path / "together", cache, *flags, "--jobs", "2")
     finally:
         torch.set_num_threads(threads)
-    for method in cit.ALL_METHODS:
+    for method in list(cit.METHODS):
         assert together["methods"][method]["matrix"] == alone["methods"][method]["matrix"]
         assert any((v or 0) > 0 for row in alone["methods"][method]["matrix"] for v in row)
         assert together["methods"][method]["average"]["values"] == alone["methods"][method]["average"]["values"]
@@ -968,6 +993,117 @@ def test_an_interrupted_overwrite_leaves_nothing_of_the_run_it_replaces(tmp_path
     assert resumed["config"]["steps"] == 3 and len(resumed["matrix"]) == 2
 
 
+def test_an_interrupted_overwrite_of_several_runs_leaves_no_summary_picture_or_model_of_the_old(tmp_path, cache,
+                                                                                                monkeypatch):
+    out = tmp_path / "out"
+    old = [out / "summary.json", out / "summary.png", out / "seed0" / "finetune" / "results.png",
+           out / "seed0" / "summary.md", out / "seed0" / "finetune" / "model" / "model.safetensors"]
+    for path in old:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the run being replaced")
+    interrupt_the_second_task(monkeypatch)
+    with pytest.raises(SystemExit):
+        run(tmp_path, cache, "--tasks", "count,ocr", "--steps", "2", "--max-test", "4", "--seeds", "0", "--method",
+            "all", "--overwrite")
+    assert not any(path.exists() for path in old)
+
+
+def test_resume_goes_on_with_the_same_data_however_named_and_refuses_other_data_under_the_same_name(
+        tmp_path, cache, capsys, monkeypatch):
+    import shutil
+    for task in ["count", "ocr"]:
+        shutil.copytree(cit.HERE / "tiny_tasks" / task, tmp_path / "first" / task)
+    flags = ["--tasks", "count,ocr", "--steps", "2", "--max-test", "4", "--out", str(tmp_path / "out")]
+    train = interrupt_the_second_task(monkeypatch)
+    with pytest.raises(SystemExit):
+        run(tmp_path, cache, *flags, "--data", str(tmp_path / "first"))
+    monkeypatch.setattr(cit, "train", train)
+    (tmp_path / "first").rename(tmp_path / "moved")  # the same data, moved and named from elsewhere
+    monkeypatch.chdir(tmp_path)
+    records = tmp_path / "moved" / "ocr" / "train.json"
+    kept = records.read_bytes()
+    records.write_text(json.dumps(json.loads(kept)[1:]))  # other data under the same name
+    said = input_error(capsys, *flags, "--cache", str(cache), "--data", "moved", "--resume")
+    assert "holds a run on other data (task ocr's files differ" in said
+    records.write_bytes(kept)
+    assert len(run(tmp_path, cache, *flags, "--data", "./moved/../moved", "--resume")["matrix"]) == 2
+
+
+@pytest.mark.parametrize("name, text", [("results.json", "garbage"), ("results.json", ""), ("results.json", "{}"),
+                                        ("progress.json", "[]"), ("progress.json", '{"checkpoint": "x"}')])
+def test_a_damaged_run_file_ends_resume_in_one_line(tmp_path, capsys, name, text):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / name).write_text(text)
+    said = input_error(capsys, "--out", str(tmp_path / "out"), "--tasks", "count", "--resume")
+    assert f"{name} is damaged" in said and "--overwrite" in said
+
+
+def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path, cache, capsys,
+                                                                                         monkeypatch):
+    save = torch.save
+
+    def full_on_the_second(*args, **kwargs):
+        if "checkpoint-2" in str(args[1]):
+            raise OSError(28, "No space left on device")
+        return save(*args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_on_the_second)
+    said = input_error(capsys, "--out", str(tmp_path / "out"), "--cache", str(cache), "--tasks", "count,ocr",
+                       "--steps", "2", "--max-test", "4")
+    assert said.startswith("cit.py: no space left on the disk while writing") and "--resume" in said
+    assert json.loads((tmp_path / "out" / "progress.json").read_text())["checkpoint"] == "checkpoint-1"
+
+
+def test_a_question_that_is_only_the_picture_is_shown_with_its_answer(tiny, capsys):
+    state = {"args": cit.parse_args(["--show", "1", "--out", "unused"])}
+    tasks = {"look": {"test": [example(None, "", "red")], "metric": "exact"}}
+    assert cit.evaluate_all(state, tiny[0], tasks, "after look", lambda *_: ["red"]) == [1.0]
+    assert "A: 'red'" in capsys.readouterr().out
+
+
+# The command with --jobs 2 over two seeds, and a way to wait for its workers (spawned: their command line names
+# multiprocessing's spawn_main) to exist.
+def started_with_workers(tmp_path):
+    command = subprocess.Popen([sys.executable, str(cit.HERE / "cit.py"), "--tasks", "count,ocr", "--steps", "30",
+                                "--max-train", "16", "--max-test", "8", "--seeds", "0,1", "--jobs", "2", "--out",
+                                str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        children = proc(command.pid, f"task/{command.pid}/children").split()
+        workers = [int(pid) for pid in children if "spawn_main" in proc(pid, "cmdline")]
+        if len(workers) == 2 and (tmp_path / "out" / "seed0" / "log.txt").exists():
+            return command, workers
+        time.sleep(0.1)
+    raise AssertionError("no workers started")
+
+
+def proc(pid, name):
+    """/proc/<pid>/<name>, or "" once the process has gone."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except OSError:
+        return ""
+
+
+def gone(pid):
+    return proc(pid, "stat").split()[2:3] in ([], ["Z"])  # no more, or a zombie its parent has not reaped
+
+
+@full_only
+def test_a_killed_jobs_worker_ends_the_command_in_one_line_and_the_others_with_it(tmp_path):
+    command, workers = started_with_workers(tmp_path)
+    os.kill(workers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    _, said = command.communicate(timeout=120)
+    assert command.returncode != 0 and said.strip().splitlines()[-1].startswith("cit.py: a process of --jobs died")
+    assert all(gone(pid) for pid in workers)
+
+
+@full_only
+def test_sigterm_to_the_command_ends_its_jobs_workers_before_it_ends(tmp_path):
+    command, workers = started_with_workers(tmp_path)
+    command.terminate()  # SIGTERM, what kill and pkill send
+    command.communicate(timeout=120)
+    assert command.returncode != 0 and all(gone(pid) for pid in workers)
+
+
 # ---- task pairs and similarity
 def test_task_similarity_is_one_for_identical_tasks_and_symmetric(tiny):
     model, processor = tiny
@@ -1053,7 +1189,7 @@ def test_similarity_init_starts_a_new_expert_from_the_nearest_earlier_one(tmp_pa
 
 
 # ---- real-model path, exercised on folders this project saves itself
-@pytest.mark.parametrize("method", cit.ALL_METHODS)
+@pytest.mark.parametrize("method", list(cit.METHODS))
 def test_every_method_runs_with_lora_and_saves_its_adapter(tmp_path, cache, method):
     results = run(tmp_path, cache, "--method", method, "--lora", "--tasks", "count,ocr", "--steps", "2",
                   "--max-test", "4", "--ewc-samples", "8")
@@ -1353,7 +1489,7 @@ def test_each_family_runs_expansion_routing_by_its_own_image_features(tmp_path, 
 def test_each_family_runs_every_method_with_each_choice_of_what_trains(tmp_path, cache, name, train, family_folder):
     every = run(tmp_path, cache, "--model", str(family_folder(name)), "--method", "all", "--train", train,
                 "--tasks", "count,ocr", "--steps", "2", "--max-test", "4")
-    assert [r["method"] for r in every] == cit.ALL_METHODS and all(r["config"]["train"] == train for r in every)
+    assert [r["method"] for r in every] == list(cit.METHODS) and all(r["config"]["train"] == train for r in every)
     assert (tmp_path / "out" / "summary.png").is_file()
 
 
@@ -1775,11 +1911,11 @@ def test_plan_reads_each_familys_default_config_with_nothing_else(tmp_path, mode
     meta device, in seconds, every method planned."""
     transformers.AutoConfig.for_model(model_type).save_pretrained(tmp_path / model_type)
     report = planned(tmp_path, tmp_path / model_type, "--method", "all", "--tasks", "count,ocr")
-    assert list(report["methods"]) == cit.ALL_METHODS and report["weights"]["total"] > 1e9
+    assert list(report["methods"]) == list(cit.METHODS) and report["weights"]["total"] > 1e9
     assert all(0 < entry["trainable"] < report["weights"]["total"] for entry in report["methods"].values())
 
 
-# ---------------------------------------------------------------- on a GPU: CIT_GPU=1 (CIT_GPU=dry: its mechanics on a CPU)
+# ---------------------------------------------------------------- on a GPU: CIT_GPU=1 (CIT_GPU=dry: a CPU dry run)
 GPU = os.environ.get("CIT_GPU")
 # llava-hf/llava-1.5-7b-hf's shapes: CLIP ViT-L/14 at 336 pixels, Vicuna-7B, a vocabulary of 32,064 (7.06 B weights)
 LLAVA_7B = (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
