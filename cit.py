@@ -280,8 +280,9 @@ def train(model, examples, steps, state, rng, hooks=NO_HOOKS, desc=""):
     forward = data_parallel(model)  # under torchrun: DDP over what trains now; gradients averaged over processes
     # Mixed precision, as LLaVA trains: where the weights are bfloat16, AdamW updates float32 copies of them (part 2)
     optimizer = adamw(trainable(model).values(), args.lr, device)
-    # LLaVA's schedule: a short warm-up, then cosine decay to zero by the end of the task.
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    # LLaVA's schedule: a warm-up over the first 5% of steps (its first step at rate 0, as LLaVA's), then cosine
+    # decay to zero by the end of the task; none below 20 steps, where it would leave one step of few untrained.
+    schedule = get_cosine_schedule_with_warmup(optimizer, steps // 20, steps)
     progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1,
                     disable=None if RANK == 0 else True)
     for step in progress:

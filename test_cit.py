@@ -795,6 +795,13 @@ def test_the_tiny_world_is_regenerated_bit_for_bit(tmp_path):
     assert all(made[p].read_bytes() == shipped[p].read_bytes() for p in made)
 
 
+def test_a_single_step_changes_the_weights(tmp_path, cache):  # no warm-up that leaves it at learning rate 0
+    results = run(tmp_path, cache, "--tasks", "count", "--steps", "1", "--max-test", "2")
+    base = load_file(cit.SHIPPED_BASES / results["config"]["base"] / "model.safetensors")
+    trained = weights(tmp_path / "out")
+    assert any(not torch.equal(trained[name], base[name]) for name in trained)
+
+
 def test_sequential_finetuning_forgets_and_joint_training_does_not(tmp_path, cache):
     flags = ["--tasks", "count,mcq", "--steps", "60", "--max-test", "40"]
     finetune = run(tmp_path / "ft", cache, *flags)
