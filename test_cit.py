@@ -1627,10 +1627,13 @@ def test_two_processes_train_and_score_every_method_as_one_process_with_their_gl
         method = one["method"]
         shared = json.loads((tmp_path / "two" / "out" / method / "results.json").read_text())
         # The same batches, split in two: the gradients differ only in the order of float sums (1e-7 here), too
-        # little to change a greedy answer, so the matrices are equal and the weights close.
+        # little to change a greedy answer, so the matrices are equal and the weights close. AdamW's first step
+        # moves each weight by about lr * the sign of its gradient, so the few whose gradient is float noise
+        # (3 of 1.1 M here) may move apart by up to 2 lr; a global batch twice as large moves 578 k of them.
         assert shared["matrix"] == one["matrix"] and any(v > 0 for row in one["matrix"] for v in row), method
         expected, got = weights(tmp_path / "one" / "out" / method), weights(tmp_path / "two" / "out" / method)
-        assert all(torch.allclose(expected[k], got[k], atol=1e-5) for k in expected), method
+        apart = [(expected[k] - got[k]).abs() for k in expected]
+        assert sum((d > 1e-5).sum() for d in apart) <= 10 and max(d.max() for d in apart) <= 2 * 2e-4, method
     assert (tmp_path / "two" / "out" / "summary.md").is_file() and two.stdout.count("======== ewc") == 1
 
 
