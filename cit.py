@@ -247,8 +247,8 @@ def mean_embedding(model, processor, texts, device):
 #   after_task(state, model, examples)                 after a stage is trained
 #   answer(state, model, examples, task) -> answers    how a task's test questions are answered
 # `state` is the run's memory: the loop fills in "args", "processor", "device", "task" (the current stage's
-# index), "held_in" (tasks only scored) and "report" (extra results for results.json); everything else a method keeps
-# there between tasks.
+# index), "held_in" (tasks only scored), "report" (extra results for results.json) and "started" (its clock);
+# everything else a method keeps there between tasks.
 def one_stage_per_task(tasks, args):
     return [(name, task["train"], args.steps) for name, task in tasks.items()]
 
@@ -321,9 +321,10 @@ def answer_logits(model, batch, forward=None):
 
 def start_run(args, device, hooks):
     """A fresh run: the base model, the random generators seeded, the method's prepare hook; no rows yet."""
+    started = time.time()
     model, processor = load_model(args, device)
     torch.manual_seed(args.seed)  # after loading: building a base on the first run must not shift what follows
-    state = {"args": args, "processor": processor, "device": device, "task": 0, "report": {}}
+    state = {"args": args, "processor": processor, "device": device, "task": 0, "report": {}, "started": started}
     return hooks["prepare"](state, model), state, random.Random(args.seed), []
 
 
@@ -703,7 +704,7 @@ def run_method(args, tasks):
     R and what it says, written to <out>/results.json with the model."""
     if finished := finished_run(args):  # --resume of a run that has ended: its results
         return finished
-    started, device, hooks = time.time(), pick_device(args.device), method_hooks(args)
+    device, hooks = pick_device(args.device), method_hooks(args)
     model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
     state["held_in"] = held_in_tasks(args)  # part 2: --held-in, the tiny base's own by default
     check_for_model(model, state["processor"], tasks, args)  # part 2: what only the loaded model can tell
@@ -711,7 +712,7 @@ def run_method(args, tasks):
     zero_shot = state["report"]["zero_shot"]
     results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
                "fwt": forward_transfer(matrix, zero_shot), **state["report"],
-               **bookkeeping(args, state, tasks, started)}
+               **bookkeeping(args, state, tasks)}
     save_run(args, state, model, results)
     print_results(results, args.out)  # part 2: R with the base's row first, the held-in tasks', the metrics
     return results
@@ -2049,11 +2050,11 @@ def save_run(args, state, model, results):
     remove_checkpoints(args.out)  # <out>/model now holds the same weights
 
 
-def bookkeeping(args, state, tasks, started):
+def bookkeeping(args, state, tasks):
     """What results.json keeps beside a run's metrics: each task's metric, how many records --max-length cut, the
-    wall time and every flag."""
+    wall time (before an interruption too) and every flag."""
     return {"metrics": {name: task["metric"] for name, task in tasks.items()},
-            "records_cut": len(CUT.get(state["processor"], ())), "wall_time_s": round(time.time() - started, 1),
+            "records_cut": len(CUT.get(state["processor"], ())), "wall_time_s": wall_time(state),
             "config": vars(args)}
 
 
@@ -2131,7 +2132,12 @@ def check_same_run(saved, args):
 
 
 # What the loop itself puts in a method's state; everything else is the method's memory, kept in checkpoints.
-LOOP_STATE = ["args", "processor", "device", "task", "held_in"]
+LOOP_STATE = ["args", "processor", "device", "task", "held_in", "started"]
+
+
+def wall_time(state):
+    """Seconds the run has taken so far; a resumed run's clock starts as far back as the time it had taken."""
+    return round(time.time() - state["started"], 1)
 
 
 def save_checkpoint(state, model, rng, task_names, matrix):
@@ -2152,7 +2158,7 @@ def save_checkpoint(state, model, rng, task_names, matrix):
         torch.save({"memory": memory, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
                     "trains": list(trainable(model))}, folder / "state.pt")
         write_json(args.out / "progress.json", {"tasks": task_names, "matrix": matrix, "checkpoint": folder.name,
-                                                "config": vars(args)})
+                                                "wall_time_s": wall_time(state), "config": vars(args)})
     remove_checkpoints(args.out, keep=folder)
 
 
@@ -2168,7 +2174,7 @@ def resume_run(args, device, hooks):
     checkpoint = find_checkpoint(args)
     if checkpoint is None:
         return start_run(args, device, hooks)
-    saved = checkpoint / "model"
+    started, saved = time.time(), checkpoint / "model"
     with damaged(checkpoint):
         saved_state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
     if (saved / "adapter_config.json").is_file():  # LoRA (eproj's experts too): the adapter goes back onto the base
@@ -2180,11 +2186,13 @@ def resume_run(args, device, hooks):
             model, processor = load_model(with_args(args, model=str(saved)), device)
     for name, p in model.named_parameters():  # what trained before trains, whatever the method made train
         p.requires_grad_(name in saved_state["trains"])
-    state = {"args": args, "processor": processor, "device": device, "task": 0, **saved_state["memory"]}
+    progress = json.loads((args.out / "progress.json").read_text())
+    state = {"args": args, "processor": processor, "device": device, "task": 0, **saved_state["memory"],
+             "started": started - progress.get("wall_time_s", 0)}  # runs checkpointed before it kept no time
     rng = random.Random()
     rng.setstate(saved_state["rng"])
     torch.set_rng_state(saved_state["torch_rng"].cpu())
-    return model, state, rng, json.loads((args.out / "progress.json").read_text())["matrix"]
+    return model, state, rng, progress["matrix"]
 
 
 @contextmanager

@@ -923,11 +923,14 @@ def test_a_run_interrupted_after_its_first_task_resumes_to_the_same_end(tmp_path
         run(tmp_path / "cut", cache, *flags)
     assert stopped.value.code == 130
     out = tmp_path / "cut" / "out"
-    assert len(json.loads((out / "progress.json").read_text())["matrix"]) == 1
+    progress = json.loads((out / "progress.json").read_text())
+    assert len(progress["matrix"]) == 1
     assert (out / "checkpoint-1" / "state.pt").is_file() and not (out / "results.json").exists()
+    (out / "progress.json").write_text(json.dumps(progress | {"wall_time_s": 1000.0}))  # as if it had taken long
     monkeypatch.setattr(cit, "train", train)
     resumed = run(tmp_path / "cut", cache, *flags, "--resume")
     assert resumed["matrix"] == whole["matrix"] and resumed.get("routing_accuracy") == whole.get("routing_accuracy")
+    assert resumed["wall_time_s"] >= 1000  # the time before the interruption counts
     expected, got = saved_weights(tmp_path / "whole" / "out" / "model"), saved_weights(out / "model")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert not list(out.glob("checkpoint-*"))  # the final model replaces the last checkpoint
