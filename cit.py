@@ -3,78 +3,36 @@
     python cit.py --method ewc      # a tiny LLaVA, tuned on seven tiny tasks one after another, on a CPU
 
 Part 1, the paper, reads top to bottom: data, the model, the loop, evaluation and metrics, the methods (EWC and MAS,
-TIR, LwF, replay, expanded projection, joint), the entry point. Part 2, after the fence, is support: flags and checks,
-model families and the tiny base, real benchmarks' scorers, checkpoints, pictures, analyses, torchrun.
+TIR, LwF, replay, expanded projection, joint), the entry point. Part 2, after the fence, is support, in the order a
+run meets it: flags and checks, models and the tiny base, encodings, checkpoints, scorers, pictures, analyses, torchrun.
 """
-import os
 import random
-import re
 import time
 from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import dataclass, field
 
 try:
     import torch
     import torch.nn.functional as F
     from peft import get_peft_model
-    from PIL import Image
+    from PIL import Image  # part 2 opens the pictures
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 except ImportError as missing:  # a package of requirements.txt: one line saying so, not a traceback
     raise SystemExit(f"cit.py needs {missing.name or missing}, which is not installed here: "
                      "pip install -r requirements.txt") from None
 
-HERE = Path(__file__).resolve().parent
-# Under torchrun, this process's place among the processes (set up in part 2, "several processes"); else 0 of 1.
-RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
 # ================================================================ PART 1: THE PAPER
 
-# ---------------------------------------------------------------- the tiny setup
-# The seven tiny tasks of tiny_tasks/ in their default order: captioning first, as in the paper, multiple choice last.
-TASK_ORDER = ["caption", "ocr", "classify", "vqa", "count", "grounding", "mcq"]
-
-
-# ---------------------------------------------------------------- data: LLaVA records to batches
-def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None, eval_split="test", metrics=None,
-               references=None):
-    """{task: {"train": examples, "test": examples, "metric": how test is scored}}, in training order.
-
-    An example is {"id", "image": a path or None, "history": earlier (question, answer) turns, "question",
-    "answer", "references": the answers it is scored against}. The scored split is test.json (--eval-split val:
-    val.json), or the other where a task has only that; the metric is inferred from the answers.
-    """
-    check_task_folders(data_dir, names)
-    tasks = {}
-    for name in names:
-        test = load_split(data_dir, name, scored_split(data_dir / name, eval_split), image_root)[:max_test]
-        if name in (references or {}):  # answers kept apart from the questions, as TextVQA's official 10
-            take_references(test, references[name])
-        tasks[name] = {"train": load_split(data_dir, name, "train", image_root)[:max_train], "test": test,
-                       "metric": (metrics or {}).get(name) or metric_for(test)}
-    return tasks
-
-
-def example_from(record, where, image_dir, allowed):
-    """A conversation {"image"?, "conversations": [{"from": "human", "value"}, {"from": "gpt", "value"}, ...]}.
-
-    Every exchange is trained on; the last one is what a test asks and scores. <image> may stand anywhere:
-    the image goes first in the first turn, where LLaVA's own preprocessing moves it.
-    """
-    where = check_record(record, where)  # and names the record by its id from here on
-    turns = record["conversations"]
-    exchanges = [(clean(human["value"]), gpt["value"].strip()) for human, gpt in zip(turns[::2], turns[1::2])]
-    (question, answer), history = exchanges[-1], exchanges[:-1]
-    return {"id": record.get("id"), "image": image_path(record, where, image_dir, allowed), "history": history,
-            "question": question, "answer": answer, "references": [answer]}
-
-
-def clean(question):
-    return question.replace("<image>", "").strip()
-
-
+# ---------------------------------------------------------------- data: conversations to batches
+# A task is {"train": examples, "test": examples, "metric": how its test answers are scored}, read by part 2's
+# load_tasks from LLaVA's records, which the real benchmarks ship and tiny_tasks/ copies exactly: {"id", "image",
+# "conversations": [{"from": "human", "value": "<image>\nWhat is written?"}, {"from": "gpt", "value": "cat"}, ...]}.
+# An example is {"id", "image": a path or None, "history": earlier (question, answer) turns, "question", "answer",
+# "references": the answers it is scored against}. Every exchange is trained on; the last one is what a test asks.
 def chat(example, answer=True):
-    """An example as chat messages, so that each model's own chat template builds the prompt."""
+    """An example as chat messages, so that each model's own chat template builds the prompt. The image goes first
+    in the first turn, where LLaVA's own preprocessing moves <image>."""
     messages = []
     for turn, (question, reply) in enumerate([*example["history"], (example["question"], example["answer"])]):
         image = [{"type": "image"}] if turn == 0 and example["image"] else []
@@ -89,44 +47,23 @@ def prompt(processor, example):
     return processor.apply_chat_template(chat(example, answer=False), add_generation_prompt=True)
 
 
-def open_images(examples):
-    """The pictures of a batch, one list per example (empty without one), as every family's processor takes them;
-    None for a batch with no picture at all."""
-    images = [[open_image(e["image"])] if e["image"] else [] for e in examples]
-    return images if any(images) else None
-
-
-def training_batch(processor, examples, device):
-    """A batch of training examples, each encoded once per run (encode_example) and padded to one length."""
-    return collate([encoded(processor, e) for e in examples], processor.tokenizer.pad_token_id).to(device)
+def prompt_batch(processor, examples, device):
+    """Questions to be answered: their prompts with their pictures, padded to one length, on the device."""
+    return processor(images=open_images(examples), text=[prompt(processor, e) for e in examples], padding=True,
+                     return_tensors="pt").to(device)
 
 
 def encode_example(processor, example):
     """Tokenize the whole conversation with its image; labels are the answers' tokens only (every other token is
-    -100), so the loss is on every assistant turn and never on a prompt or an image token.
-
-    Each prefix goes through the processor with the image too, so that <image> expands exactly as in the full
-    text and each answer's span starts and ends where it does in the full conversation, for any model.
-    """
-    images = open_images([example])
-    if takes_suffix(processor):  # PaliGemma's processor joins prompt and answer itself (part 2)
-        return encode_with_suffix(processor, example, images)
-    messages = chat(example)
-
-    def length(prefix, **options):
-        text = processor.apply_chat_template(prefix, **options)
-        return len(processor(images=images, text=[text])["input_ids"][0])
-
-    encoding = dict(processor(images=images, text=[processor.apply_chat_template(messages)], return_tensors="pt"))
+    -100), so the loss is on every assistant turn and never on a prompt or an image token. Part 2's training_batch
+    keeps each example's encoding for the run and pads a batch of them to one length."""
+    text = processor.apply_chat_template(chat(example))
+    encoding = dict(processor(images=open_images([example]), text=[text], return_tensors="pt"))  # part 2's
     tokens = encoding["input_ids"][0]
     encoding["labels"] = torch.full_like(encoding["input_ids"], -100)
-    for reply in range(1, len(messages), 2):
-        start = length(messages[:reply], add_generation_prompt=True)
-        end = length(messages[:reply + 1]) if reply + 1 < len(messages) else len(tokens)
-        while not processor.tokenizer.decode(tokens[end - 1]).strip():  # a template's newline after the turn's end
-            end -= 1
+    for start, end in answer_spans(processor, example, tokens):  # part 2's: each reply's tokens, in any template
         encoding["labels"][0, start:end] = tokens[start:end]
-    return cut_to_length(encoding, processor, example)
+    return encoding
 
 
 def answer_positions(batch):
@@ -153,34 +90,34 @@ def freeze_vision_encoder(model):
     An LMM's parts, vision encoder, connector, language model, are found by what they are (part 2's model_parts)."""
     parts = model_parts(model)
     for name, p in model.named_parameters():
-        if inside(name, parts["vision"]) and name not in parts["connector"]:
+        if name.startswith(parts["vision"] + ".") and name not in parts["connector"]:
             p.requires_grad_(False)
 
 
 # What trains (--train; the default prepare hook): the connector alone, LoRA plus the connector, or all but vision.
-def train_connector(state, model):
+def train_connector(run, model):
     """--train connector: only the connector learns (InstructBLIP's instruction tuning); it is saved whole."""
-    connector = set(model_parts(model)["connector"])
+    connector = set(model_parts(model)["connector"])  # part 2's
     for name, p in model.named_parameters():
         p.requires_grad_(name in connector)
     return model
 
 
-def add_lora(state, model):
+def add_lora(run, model):
     """--train lora: only the LoRA adapters and the connector train; the shared weights stay as the base had them.
     LoRA goes on every linear layer of the language model; the connector's modules train whole (part 2's
-    lora_config)."""
+    lora_config). The adapters are in the model's own dtype (peft would make them float32), so a bfloat16 model
+    multiplies in bfloat16 throughout."""
     model.requires_grad_(False)
-    # the adapters in the model's own dtype (peft would make them float32): a bfloat16 model then multiplies in
-    # bfloat16 throughout, and the optimizer's float32 copies keep their small updates (adamw, part 2)
-    return get_peft_model(model, lora_config(state["args"], model), autocast_adapter_dtype=False)
+    return get_peft_model(model, lora_config(run.args, model), autocast_adapter_dtype=False)
 
 
-def keep_model(state, model):
+def train_all(run, model):
+    """--train all: every weight but the vision encoder's."""
     return model
 
 
-TRAINING = {"connector": train_connector, "lora": add_lora, "all": keep_model}
+TRAINING = {"connector": train_connector, "lora": add_lora, "all": train_all}
 
 
 def trainable(model):
@@ -239,69 +176,72 @@ def mean_embedding(model, processor, texts, device):
 # A continual-learning method is a few hooks around one loop (avalanche's and mammoth's design). Every hook
 # has a default that changes nothing, so the loop calls each one and never asks which method it runs:
 #   stages(tasks, args) -> [(name, examples, steps)]   what is trained, in order: by default one stage per task
-#   prepare(state, model) -> model                     once, before the first stage (default: what --train says)
-#   before_task(state, model, examples)                before a stage is trained
-#   mix_batch(state, examples, rng) -> examples        what a training batch holds
-#   extra_loss(state, model, batch, logits) -> loss    a term added to the loss at every step (answer_logits')
-#   after_step(state, model, step)                     after each optimizer step (the pair analysis scores there)
-#   after_task(state, model, examples)                 after a stage is trained
-#   answer(state, model, examples, task) -> answers    how a task's test questions are answered
-# `state` is the run's memory: the loop fills in "args", "processor", "device", "task" (the current stage's
-# index), "held_in" (tasks only scored), "report" (extra results for results.json) and "started" (its clock);
-# everything else a method keeps there between tasks.
+#   prepare(run, model) -> model                       once, before the first stage (default: what --train says)
+#   before_task(run, model, examples)                  before a stage is trained
+#   mix_batch(run, examples, rng) -> examples          what a training batch holds
+#   extra_loss(run, model, batch, logits) -> loss      a term added to the loss at every step (answer_logits')
+#   after_step(run, model, step)                       after each optimizer step (the pair analysis scores there)
+#   after_task(run, model, examples)                   after a stage is trained
+#   answer(run, model, examples, task) -> answers      how a task's test questions are answered
+#   after_row(run, model, tasks, answer)               after each row of R, the base's too (part 2 keeps the books:
+#                                                      the held-in tasks' scores and a checkpoint to resume from)
+@dataclass
+class Run:
+    """What the loop knows of the run it drives; what a method keeps between tasks is its own, in `memory`."""
+    args: object  # the flags
+    device: str = "cpu"
+    processor: object = None  # the model's: its tokenizer, image processor and chat template
+    rng: random.Random = None  # the batches' draws
+    stage: int = 0  # the stage being trained: its index, and its row of R
+    matrix: list = field(default_factory=list)  # R's rows so far
+    held_in: dict = field(default_factory=dict)  # tasks the base was tuned on, only scored (part 2: --held-in)
+    report: dict = field(default_factory=dict)  # what results.json keeps beside R
+    started: float = field(default_factory=time.time)  # the run's clock
+    memory: dict = field(default_factory=dict)  # the method's: EWC's importance and anchor, replay's buffer...
+
+
 def one_stage_per_task(tasks, args):
     return [(name, task["train"], args.steps) for name, task in tasks.items()]
 
 
-def greedy_answers(state, model, examples, task):
-    return generate(model, state["processor"], examples, state["args"], state["device"])
+def greedy_answers(run, model, examples, task):
+    return generate(model, run.processor, examples, run.args, run.device)
 
 
-NO_HOOKS = dict(stages=one_stage_per_task, prepare=keep_model, before_task=lambda state, model, examples: None,
-                mix_batch=lambda state, examples, rng: examples, extra_loss=lambda state, model, batch, logits: 0.0,
-                after_step=lambda state, model, step: None, after_task=lambda state, model, examples: None,
-                answer=greedy_answers)
+NO_HOOKS = dict(stages=one_stage_per_task, prepare=train_all, before_task=lambda run, model, examples: None,
+                mix_batch=lambda run, examples, rng: examples, extra_loss=lambda run, model, batch, logits: 0.0,
+                after_step=lambda run, model, step: None, after_task=lambda run, model, examples: None,
+                answer=greedy_answers, after_row=lambda run, model, tasks, answer: None)
 
 
 def method_hooks(args):
-    """args.method's hooks over the defaults; with --tir, EWC's importances are the paper's TIR; a variant of part 2
-    only when its flag is given."""
+    """args.method's hooks over the defaults; with --tir, EWC's importances are the paper's TIR; then part 2's hooks:
+    its books after each row of R, and a variant of a method only where its flag is given."""
     hooks = dict(NO_HOOKS, prepare=TRAINING[args.train]) | METHODS[args.method]
     if args.tir and args.method == "ewc":
         hooks |= TIR
-    return hooks | variant_hooks(args)
+    return hooks | support_hooks(args)  # part 2's
 
 
-def train(model, examples, steps, state, rng, hooks=NO_HOOKS, desc=""):
+def train(model, examples, steps, run, hooks=NO_HOOKS, desc=""):
     """AdamW on the answer-token loss for `steps` batches of --batch-size examples drawn from `examples`; a method
     may change what a batch holds, add a term to the loss and look at the model after each step."""
-    args, processor, device = state["args"], state["processor"], state["device"]
+    optimizer = adamw(trainable(model).values(), run.args.lr, run.device)  # part 2's: float32 masters of bf16 weights
+    schedule = get_cosine_schedule_with_warmup(optimizer, steps // 20, steps)  # LLaVA's: 5% warm-up, cosine to 0
+    shared = TrainingSteps(model, steps, desc)  # part 2's: the progress bar; under torchrun, each process's share
     model.train()
-    forward = data_parallel(model)  # under torchrun: DDP over what trains now; gradients averaged over processes
-    # Mixed precision, as LLaVA trains: where the weights are bfloat16, AdamW updates float32 copies of them (part 2)
-    optimizer = adamw(trainable(model).values(), args.lr, device)
-    # LLaVA's schedule: a warm-up over the first 5% of steps (its first step at rate 0, as LLaVA's), then cosine
-    # decay to zero by the end of the task; none below 20 steps, where it would leave one step of few untrained.
-    schedule = get_cosine_schedule_with_warmup(optimizer, steps // 20, steps)
-    progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1,
-                    disable=None if RANK == 0 else True)
-    for step in progress:
-        for _ in range(args.grad_accum):  # micro-batches whose gradients add up to one batch
-            # Every process draws the same batch of batch_size x processes and trains on its own share of it.
-            drawn = rng.sample(examples, min(args.batch_size * WORLD_SIZE, len(examples)))
-            batch = training_batch(processor, hooks["mix_batch"](state, drawn, rng)[RANK::WORLD_SIZE], device)
-            logits, targets = answer_logits(model, batch, forward)
-            # under torchrun, weighted by this process's share of the answer tokens, so that DDP's average of the
-            # processes' losses is one process's: the mean over every answer token (LwF's term is such a mean too)
-            loss = (F.cross_entropy(logits.float(), targets)
-                    + hooks["extra_loss"](state, model, batch, logits)) * token_share(batch)
-            (loss / args.grad_accum).backward()
-        stop_if_diverged(loss, desc, step + 1)
+    for step in shared:
+        for _ in range(run.args.grad_accum):  # micro-batches whose gradients add up to one batch
+            drawn = hooks["mix_batch"](run, shared.draw(examples, run.args.batch_size, run.rng), run.rng)
+            batch = training_batch(run.processor, shared.share(drawn), run.device)  # part 2's: kept encodings, padded
+            logits, targets = answer_logits(model, batch, shared.forward)
+            loss = F.cross_entropy(logits.float(), targets) + hooks["extra_loss"](run, model, batch, logits)
+            (loss * shared.weight(batch) / run.args.grad_accum).backward()
+        shared.check(loss, step)  # a loss no longer finite ends the run before the optimizer spreads it
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        hooks["after_step"](state, model, step + 1)
+        hooks["after_step"](run, model, step + 1)
     model.eval()
 
 
@@ -312,7 +252,7 @@ def answer_logits(model, batch, forward=None):
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     answer = answer_positions(batch)
     keep, forward = F.pad(answer, (0, 1)), forward or model  # the last position predicts nothing
-    if head_on_positions(model):
+    if head_on_positions(model):  # part 2's
         logits = forward(**inputs, logits_to_keep=keep).logits
     else:
         logits = forward(**inputs).logits[keep]
@@ -321,51 +261,45 @@ def answer_logits(model, batch, forward=None):
 
 def start_run(args, device, hooks):
     """A fresh run: the base model, the random generators seeded, the method's prepare hook; no rows yet."""
-    started = time.time()
-    model, processor = load_model(args, device)
+    run = Run(args, device)
+    model, run.processor = load_model(args, device)
     torch.manual_seed(args.seed)  # after loading: building a base on the first run must not shift what follows
-    state = {"args": args, "processor": processor, "device": device, "task": 0, "report": {}, "started": started}
-    return hooks["prepare"](state, model), state, random.Random(args.seed), []
+    run.rng = random.Random(args.seed)
+    return hooks["prepare"](run, model), run
 
 
-def run_sequence(model, tasks, hooks, state, rng, matrix):
-    """Train the stages one after another; after each, score every task: row i of the accuracy matrix R.
-
-    A resumed run brings the rows it has and goes on with the next stage. Returns the rows' names and R.
-    """
-    stages = hooks["stages"](tasks, state["args"])
-    if not matrix:  # the base before any task: what each task scores untrained, for forward transfer
-        before = "before any task (the base: the first row of the accuracy matrix R, printed at the end)"
-        state["report"]["zero_shot"] = evaluate_all(state, model, tasks, before)
-        score_held_in(state, model, greedy_answers, first=len(tasks))
-    for i, (name, examples, steps) in enumerate(stages[len(matrix):], start=len(matrix)):
-        state["task"] = i
-        hooks["before_task"](state, model, examples)
-        train(model, examples, steps, state, rng, hooks, desc=f"task {i + 1}/{len(stages)}: {name}")
-        hooks["after_task"](state, model, examples)
-        matrix.append(evaluate_all(state, model, tasks, f"after {name} (row {i + 1} of R)", hooks["answer"]))
-        score_held_in(state, model, hooks["answer"], first=len(tasks))
-        save_checkpoint(state, model, rng, list(tasks), matrix)
-    return [name for name, _, _ in stages], matrix
+def run_sequence(model, tasks, hooks, run):
+    """Train the stages one after another; after each, score every task: row i of the accuracy matrix R. A resumed
+    run brings the rows it has (run.matrix) and goes on with the next stage. Returns the stages' names."""
+    stages = hooks["stages"](tasks, run.args)
+    if not run.matrix:  # the base before any task: what each task scores untrained, for forward transfer
+        run.report["zero_shot"] = evaluate_all(
+            run, model, tasks, "before any task (the base: the first row of the accuracy matrix R, printed at the end)")
+        hooks["after_row"](run, model, tasks, greedy_answers)
+    for i, (name, examples, steps) in enumerate(stages[len(run.matrix):], start=len(run.matrix)):
+        run.stage = i
+        hooks["before_task"](run, model, examples)
+        train(model, examples, steps, run, hooks, desc=f"task {i + 1}/{len(stages)}: {name}")
+        hooks["after_task"](run, model, examples)
+        run.matrix.append(evaluate_all(run, model, tasks, f"after {name} (row {i + 1} of R)", hooks["answer"]))
+        hooks["after_row"](run, model, tasks, hooks["answer"])
+    return [name for name, _, _ in stages]
 
 
 # ---------------------------------------------------------------- evaluation and metrics
 @torch.no_grad()
 def generate(model, processor, examples, args, device):
-    """Greedy answers, batched with left padding so every prompt ends where generation starts.
-    Under torchrun each process answers every n-th batch; all get every answer, in order."""
-    answers = {}
+    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
     processor.tokenizer.padding_side = "left"
-    for first in range(0, len(examples), args.eval_batch_size)[RANK::WORLD_SIZE]:
-        chunk = examples[first:first + args.eval_batch_size]
-        batch = processor(images=open_images(chunk), text=[prompt(processor, e) for e in chunk], padding=True,
-                          return_tensors="pt").to(device)
+
+    def answer(chunk):
+        batch = prompt_batch(processor, chunk, device)
         output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
-        answers[first] = processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in in_order(answers)]
+        return processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in PROCESSES.in_batches(examples, args.eval_batch_size, answer)]  # part 2's: shared
 
 
-def evaluate_all(state, model, tasks, title, answer=greedy_answers, first=0):
+def evaluate_all(run, model, tasks, title, answer=greedy_answers, first=0):
     """Score every task, seen or not, and print a few answers so the forgetting can be seen, not just counted.
     `first`: the index of the first task as the answer hook sees it (held-in tasks come after the continual ones)."""
     model.eval()
@@ -373,24 +307,13 @@ def evaluate_all(state, model, tasks, title, answer=greedy_answers, first=0):
     print(f"\n{title}:")
     for j, (name, task) in enumerate(tasks.items(), start=first):
         examples = task["test"]
-        predictions = answer(state, model, examples, j)
+        predictions = answer(run, model, examples, j)
         scores.append(score(task, predictions))
         print(f"  {name:<12} {scores[-1]:.2f}")
-        for example, prediction in list(zip(examples, predictions))[:state["args"].show]:
+        for example, prediction in list(zip(examples, predictions))[:run.args.show]:
             question = (example["question"].splitlines() or [""])[0]  # a question may be the picture alone
             print(f"      Q: {question}  A: {prediction!r}  (expected {example['answer']!r})")
     return scores
-
-
-def score_held_in(state, model, answer, first):
-    """The base's own held-in tasks (--held-in: InstructBLIP's instruction-tuning sets, say), scored in every row as
-    the paper's code does: never trained, out of the continual metrics; forgetting: best row's score minus last."""
-    if not state.get("held_in"):
-        return
-    held_in = state["report"].setdefault("held_in", {"tasks": list(state["held_in"]), "matrix": []})
-    held_in["matrix"].append(evaluate_all(state, model, state["held_in"], "  held-in tasks of the base", answer, first))
-    columns = list(zip(*held_in["matrix"]))
-    held_in["forgetting"] = sum(max(column) - column[-1] for column in columns) / len(columns)
 
 
 def score(task, predictions):
@@ -402,12 +325,12 @@ def score(task, predictions):
 
 def summarize(matrix):
     """Average accuracy, backward transfer and forgetting of an accuracy matrix R (rows: after task i)."""
-    final, T = matrix[-1], len(matrix)
+    final, rows = matrix[-1], len(matrix)
     average = sum(final) / len(final)
-    if T == 1:  # one row (joint): nothing learned earlier to forget
+    if rows == 1:  # one row (joint): nothing learned earlier to forget
         return {"average": average, "forgetting": None, "bwt": None}
-    bwt = sum(final[j] - matrix[j][j] for j in range(T - 1)) / (T - 1)
-    forgetting = sum(max(matrix[i][j] for i in range(j, T - 1)) - final[j] for j in range(T - 1)) / (T - 1)
+    bwt = sum(final[j] - matrix[j][j] for j in range(rows - 1)) / (rows - 1)
+    forgetting = sum(max(matrix[i][j] for i in range(j, rows - 1)) - final[j] for j in range(rows - 1)) / (rows - 1)
     return {"average": average, "forgetting": forgetting, "bwt": bwt}
 
 
@@ -420,52 +343,55 @@ def forward_transfer(matrix, zero_shot):
 
 
 # ---------------------------------------------------------------- the methods: regularization (EWC and MAS, TIR, LwF)
-def ewc_after_task(state, model, examples):
+def ewc_after_task(run, model, examples):
     """Elastic Weight Consolidation (Kirkpatrick et al., 2017), online (Schwarz et al., 2018); with --importance mas,
     Memory Aware Synapses (Aljundi et al., 2018): the same quadratic penalty, another measure of importance.
 
     On an LMM: each trainable weight's importance (projector, language model or LoRA) is measured on a sample of
     the task's instruction data and summed over tasks; the weights after the task are the anchor.
     """
-    importance = IMPORTANCE[state["args"].importance](state, model, examples)
-    previous = state.get("importance", {})
-    state["importance"] = {name: i + previous.get(name, 0) for name, i in importance.items()}
-    state["anchor"] = snapshot(model)
+    importance, previous = measured_and_anchored(run, model, examples), run.memory.get("importance", {})
+    run.memory["importance"] = {name: i + previous.get(name, 0) for name, i in importance.items()}
 
 
-def fisher_importance(state, model, examples):
+def measured_and_anchored(run, model, examples):
+    """The task's importance of each weight (--importance), and the weights after the task kept as the anchor."""
+    importance = IMPORTANCE[run.args.importance](run, model, examples)
+    run.memory["anchor"] = snapshot(model)
+    return importance
+
+
+def fisher_importance(run, model, examples):
     """EWC's diagonal Fisher: the mean over examples of each one's squared gradient of its answer-token loss."""
-    return per_example_importance(state, model, examples, F.cross_entropy, torch.square)
+    return per_example_importance(run, model, examples, F.cross_entropy, torch.square)
 
 
-def mas_importance(state, model, examples):
+def mas_importance(run, model, examples):
     """MAS: the mean over examples of the absolute gradient of the squared norm of the output (the logits at the
     answer's positions, averaged over them): how much the output moves with the weight, labels not needed."""
-    return per_example_importance(state, model, examples, lambda logits, targets: logits.square().sum(-1).mean(),
+    return per_example_importance(run, model, examples, lambda logits, targets: logits.square().sum(-1).mean(),
                                   torch.abs)
 
 
-def per_example_importance(state, model, examples, objective, measure):
+def per_example_importance(run, model, examples, objective, measure):
     """measure(gradient of objective) per trainable weight, averaged over --ewc-samples examples taken one at a time
     (a batch's mean gradient would let the examples' gradients cancel: its square is not the Fisher), then
     normalized to sum 1, so that every task weighs the same whatever its loss's scale, and one --ewc-lambda
     serves Fisher and MAS alike (the paper's TIR normalizes so too)."""
-    args = state["args"]
-    sample = random.Random(args.seed + state["task"]).sample(examples, min(args.ewc_samples, len(examples)))
+    sample = random.Random(run.args.seed + run.stage).sample(examples, min(run.args.ewc_samples, len(examples)))
     params = trainable(model)
     total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     model.train()
-    for example in sample[RANK::WORLD_SIZE]:  # under torchrun, each process its share; summed below
+    for example in PROCESSES.share(sample):  # part 2's: under torchrun, each process its share; summed below
         model.zero_grad(set_to_none=True)
-        batch = training_batch(state["processor"], [example], state["device"])
-        logits, targets = answer_logits(model, batch)
+        logits, targets = answer_logits(model, training_batch(run.processor, [example], run.device))
         objective(logits.float(), targets).backward()
         for name, p in params.items():
             if p.grad is not None:  # a weight the objective does not reach has no importance
                 total[name] += measure(p.grad.detach().float())
     model.zero_grad(set_to_none=True)
     model.eval()
-    summed_over_processes(total.values())
+    PROCESSES.sum(total.values())
     scale = sum(t.sum() for t in total.values())
     return {name: t / scale for name, t in total.items()}
 
@@ -473,34 +399,35 @@ def per_example_importance(state, model, examples, objective, measure):
 IMPORTANCE = {"fisher": fisher_importance, "mas": mas_importance}  # --importance
 
 
-def ewc_penalty(state, model, batch, logits):
+def ewc_penalty(run, model, batch, logits):
     """lambda/2 * sum Omega (theta - theta_old)^2 over the trainable weights, Omega their importance: zero at the
     anchor, quadratic away from it."""
-    if "importance" not in state:
+    if "importance" not in run.memory:
         return 0.0
-    penalty = sum((state["importance"][name] * (p - state["anchor"][name]) ** 2).sum()
-                  for name, p in trainable(model).items())
-    return state["args"].ewc_lambda / 2 * penalty
+    importance, anchor = run.memory["importance"], run.memory["anchor"]
+    penalty = sum((importance[name] * (p - anchor[name]) ** 2).sum() for name, p in trainable(model).items())
+    return run.args.ewc_lambda / 2 * penalty
 
 
-def tir_before_task(state, model, examples):
+def tir_before_task(run, model, examples):
     """Task-similarity-informed regularization (TIR), the paper's own (--tir, with --importance fisher or mas):
     before a new task, each weight's importance is relaxed by 1 - the new task's similarity to the task that weight
     mattered most to: what a similar old task learned carries over, so holding it fixed costs plasticity and
     protects little. On an LMM, as the paper: prototypes of images, instructions and answers from the base."""
-    if "base" not in state:  # before the first task trains, the trainable weights are the base's
-        state["base"] = snapshot(model)
-    with weights_in(model, state["base"]):
-        new = task_prototype(model, state["processor"], examples, state["device"], state["args"].seed)
-    earlier = state.setdefault("prototypes", [])
+    memory = run.memory
+    if "base" not in memory:  # before the first task trains, the trainable weights are the base's
+        memory["base"] = snapshot(model)
+    with weights_in(model, memory["base"]):
+        new = task_prototype(model, run.processor, examples, run.device, run.args.seed)
+    earlier = memory.setdefault("prototypes", [])
     if earlier:
         cosines = {part: torch.stack([p[part] for p in earlier]) @ new[part] for part in new}
-        seen = state.setdefault("cosines_seen", {})
+        seen = memory.setdefault("cosines_seen", {})
         for part, cosine in cosines.items():
             seen[part] = torch.cat([seen.get(part, cosine[:0]), cosine])
         similarity = informed_similarity(cosines, seen)
-        state["report"].setdefault("tir_similarity", {})[state["task"]] = similarity.tolist()
-        state["importance"] = relax(state["merged"], state["owner"], similarity)
+        run.report.setdefault("tir_similarity", {})[run.stage] = similarity.tolist()
+        memory["importance"] = relax(memory["merged"], memory["owner"], similarity)
     earlier.append(new)
 
 
@@ -516,13 +443,12 @@ def informed_similarity(cosines, seen):
     return similarity
 
 
-def tir_after_task(state, model, examples):
+def tir_after_task(run, model, examples):
     """The task's importance (summing to 1) merged with the earlier tasks' by element-wise maximum, remembering
     which task each weight's maximum came from (its owner); the weights after the task are the anchor."""
-    importance = IMPORTANCE[state["args"].importance](state, model, examples)
-    state["merged"], state["owner"] = max_merge(state.get("merged"), state.get("owner"), importance, state["task"])
-    state["importance"] = state["merged"]
-    state["anchor"] = snapshot(model)
+    importance, memory = measured_and_anchored(run, model, examples), run.memory
+    memory["merged"], memory["owner"] = max_merge(memory.get("merged"), memory.get("owner"), importance, run.stage)
+    memory["importance"] = memory["merged"]
 
 
 def max_merge(merged, owner, importance, task):
@@ -555,77 +481,76 @@ def prototype_sample(examples, seed):
 TIR = {"before_task": tir_before_task, "after_task": tir_after_task}  # --tir: in place of EWC's own importances
 
 
-def lwf_before_task(state, model, examples):
+def lwf_before_task(run, model, examples):
     """Learning without Forgetting (Li & Hoiem, 2016): the model before the task teaches the model in it. On an LMM:
     the old model is this network run with the trainable weights it had before the task (torch.func.functional_call),
     so the frozen copy costs only the trainable parameters, not a second LMM."""
-    if state["task"] > 0:
-        state["old"] = snapshot(model)
+    if run.stage > 0:
+        run.memory["old"] = snapshot(model)
 
 
-def lwf_distillation(state, model, batch, logits):
-    """KL(old || new) at temperature T between next-token distributions on the new task's answer positions."""
-    if "old" not in state:
+def lwf_distillation(run, model, batch, logits):
+    """KL(old || new) at a temperature between next-token distributions on the new task's answer positions."""
+    if "old" not in run.memory:
         return 0.0
     with torch.no_grad():
         old_logits, _ = answer_logits(model, batch, lambda **inputs: torch.func.functional_call(
-            model, state["old"], args=(), kwargs=inputs))
-    T = state["args"].lwf_temperature
-    new = torch.log_softmax(logits / T, dim=-1)
-    old = torch.log_softmax(old_logits / T, dim=-1)
+            model, run.memory["old"], args=(), kwargs=inputs))
+    temperature = run.args.lwf_temperature
+    new = torch.log_softmax(logits / temperature, dim=-1)
+    old = torch.log_softmax(old_logits / temperature, dim=-1)
     kl = F.kl_div(new, old, log_target=True, reduction="batchmean")
-    return state["args"].lwf_alpha * T * T * kl
+    return run.args.lwf_alpha * temperature * temperature * kl
 
 
 # ---------------------------------------------------------------- the methods: replay
-def replay_after_task(state, model, examples):
+def replay_after_task(run, model, examples):
     """Experience replay (e.g. Chaudhry et al., 2019): keep a few training examples of each finished task
     (--replay-size of them, or --replay-fraction of its training set, as the paper's 1%). On an LMM the buffer holds
     instruction data (image, instruction, answer), as the paper's does; later batches swap a share for buffered ones.
     """
-    args = state["args"]
+    args = run.args
     size = max(1, round(args.replay_fraction * len(examples))) if args.replay_fraction else args.replay_size
-    kept = random.Random(args.seed + state["task"]).sample(examples, size)
-    state.setdefault("buffer", []).extend(kept)
+    kept = random.Random(args.seed + run.stage).sample(examples, size)
+    run.memory.setdefault("buffer", []).extend(kept)
 
 
-def replay_mix(state, examples, rng):
+def replay_mix(run, examples, rng):
     """Swap a fixed share of each batch (--replay-ratio) for examples drawn from the buffer."""
-    buffer = state.get("buffer", [])
-    k = min(round(len(examples) * state["args"].replay_ratio), len(buffer))
+    buffer = run.memory.get("buffer", [])
+    k = min(round(len(examples) * run.args.replay_ratio), len(buffer))
     return rng.sample(buffer, k) + examples[k:]
 
 
 # ---------------------------------------------------------------- the methods: expansion (eproj)
-def eproj_prepare(state, model):
+def eproj_prepare(run, model):
     """Expanded projection (EProj), the paper's expansion: each task gets its own copy of what trains, so a later task
     cannot change an earlier one's. On an LMM: by default (--train connector) a copy of the connector (LLaVA's
     projector; BLIP's Q-Former and projection), all else frozen; --train lora: LoRA adapters and a connector copy."""
-    model = TRAINING[state["args"].train](state, model)
-    state["initial"] = snapshot(model)  # the base's connector (and LoRA's B = 0): where every expert starts
-    state["report"]["trainable_per_task"] = sum(p.numel() for p in state["initial"].values())
-    state["saved_with_model"] = ["experts", "keys"]  # <out>/model holds the last expert; these are all of them
+    model = TRAINING[run.args.train](run, model)
+    run.memory["initial"] = snapshot(model)  # the base's connector (and LoRA's B = 0): where every expert starts
+    run.report["trainable_per_task"] = sum(p.numel() for p in run.memory["initial"].values())
+    run.memory["saved_with_model"] = ["experts", "keys"]  # <out>/model holds the last expert; these are all of them
     return model
 
 
-def eproj_before_task(state, model, examples):
+def eproj_before_task(run, model, examples):
     """A new expert starts from the base's weights, not from the previous task's."""
-    load_snapshot(model, state["initial"])
+    load_snapshot(model, run.memory["initial"])
 
 
-def eproj_after_task(state, model, examples):
-    state.setdefault("experts", []).append(snapshot(model))
-    state.setdefault("keys", []).append(eproj_keys(state, model, examples))
+def eproj_after_task(run, model, examples):
+    run.memory.setdefault("experts", []).append(snapshot(model))
+    run.memory.setdefault("keys", []).append(eproj_keys(run, model, examples))
 
 
 @torch.enable_grad()
-def eproj_keys(state, model, examples):
+def eproj_keys(run, model, examples):
     """A task's two keys, an image key and an instruction key, tuned as the paper's: from random, pulled towards
     the features of (a sample of) the task's training examples by a cosine loss. (Its optimum is the direction
     of the features' mean: the keys end as the task's prototype.)"""
-    args = state["args"]
-    features = routing_features(state, model, prototype_sample(examples, args.seed))
-    generator = torch.Generator().manual_seed(args.seed + state["task"])
+    features = routing_features(run, model, prototype_sample(examples, run.args.seed))
+    generator = torch.Generator().manual_seed(run.args.seed + run.stage)
     keys = [torch.randn(f.shape[-1], generator=generator).to(f.device).requires_grad_() for f in features]
     optimizer = torch.optim.Adam(keys, lr=0.05)
     for _ in range(200):
@@ -636,34 +561,33 @@ def eproj_keys(state, model, examples):
     return torch.stack([F.normalize(key.detach(), dim=0) for key in keys])
 
 
-def routing_features(state, model, examples):
+def routing_features(run, model, examples):
     """What the router sees: prototype_features of the base model, an image and an instruction feature per example
     (the base's weights are put back for it, so the features come from what never changes and never drift)."""
-    with weights_in(model, state["initial"]):
-        return prototype_features(model, state["processor"], examples, state["device"])
+    with weights_in(model, run.memory["initial"]):
+        return prototype_features(model, run.processor, examples, run.device)
 
 
-def eproj_answer(state, model, examples, task):
+def eproj_answer(run, model, examples, task):
     """The task is not given at test time: each question goes to the expert of the seen task whose image and
     instruction keys have the highest summed cosine to its features."""
-    keys = torch.stack(state["keys"])  # tasks x (image, instruction) x features
-    features = routing_features(state, model, examples)
+    keys = torch.stack(run.memory["keys"])  # tasks x (image, instruction) x features
+    features = routing_features(run, model, examples)
     routes = sum(f @ keys[:, part].T for part, f in enumerate(features)).argmax(-1).tolist()
-    if task <= state["task"]:  # how often a seen task's questions reach its own parameters
-        routing = state.setdefault("routing", {})
+    if task <= run.stage:  # how often a seen task's questions reach its own parameters
+        routing = run.memory.setdefault("routing", {})
         routing[task] = sum(r == task for r in routes) / len(routes)
-        state["report"]["routing_accuracy"] = sum(routing.values()) / len(routing)
-    return answer_with_experts(state, model, examples, routes)
+        run.report["routing_accuracy"] = sum(routing.values()) / len(routing)
+    return answer_with_experts(run, model, examples, routes)
 
 
-def answer_with_experts(state, model, examples, routes):
+def answer_with_experts(run, model, examples, routes):
     """Each question answered by the expert of the task it was routed to."""
     answers = [""] * len(examples)
     for task in sorted(set(routes)):
         chosen = [i for i, r in enumerate(routes) if r == task]
-        with weights_in(model, state["experts"][task]):
-            for i, answer in zip(chosen, generate(model, state["processor"], [examples[i] for i in chosen],
-                                                  state["args"], state["device"])):
+        with weights_in(model, run.memory["experts"][task]):
+            for i, answer in zip(chosen, greedy_answers(run, model, [examples[i] for i in chosen], task)):
                 answers[i] = answer
     return answers
 
@@ -690,32 +614,23 @@ METHODS = {
 def main(argv=None):
     """python cit.py --method ewc: the flags, the tasks, one continual run of the method."""
     args = parse_args(argv)
-    with command_line(args):  # part 2: one-line errors, torchrun's processes, --profile, --rebuild-base
-        if args.plan:
-            return plan(args)  # part 2: what the run would train and need, from the model's config alone
-        tasks = check_inputs(args)
-        if args.seeds or args.analyze or args.method == "all":
-            return several_runs(args, tasks)  # part 2: --seeds, --method all, --analyze pairs
-        return run_method(args, tasks)
+    with command_line(args):  # part 2's: one-line errors, torchrun's processes, --profile, --rebuild-base
+        if args.plan or args.seeds or args.analyze or args.method == "all":
+            return other_commands(args)  # part 2's: --plan; several runs: --seeds, --method all, --analyze pairs
+        return run_method(args, check_inputs(args))  # part 2's: the tasks, every file and flag checked first
 
 
 def run_method(args, tasks):
     """One continual run of args.method: the base model, the method's hooks, the tasks in turn; the accuracy matrix
     R and what it says, written to <out>/results.json with the model."""
-    if finished := finished_run(args):  # --resume of a run that has ended: its results
+    if finished := finished_run(args):  # part 2's: --resume of a run that has ended, its results
         return finished
-    device, hooks = pick_device(args.device), method_hooks(args)
-    model, state, rng, matrix = (resume_run if args.resume else start_run)(args, device, hooks)
-    state["held_in"] = held_in_tasks(args)  # part 2: --held-in, the tiny base's own by default
-    check_for_model(model, state["processor"], tasks, args)  # part 2: what only the loaded model can tell
-    rows, matrix = run_sequence(model, tasks, hooks, state, rng, matrix)
-    zero_shot = state["report"]["zero_shot"]
-    results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": matrix, **summarize(matrix),
-               "fwt": forward_transfer(matrix, zero_shot), **state["report"],
-               **bookkeeping(args, state, tasks)}
-    save_run(args, state, model, results)
-    print_results(results, args.out)  # part 2: R with the base's row first, the held-in tasks', the metrics
-    return results
+    hooks = method_hooks(args)
+    model, run = begin_run(args, hooks, tasks)  # part 2's: start_run, or --resume's checkpoint; the held-in tasks
+    rows = run_sequence(model, tasks, hooks, run)
+    results = {"method": args.method, "tasks": list(tasks), "rows": rows, "matrix": run.matrix,
+               **summarize(run.matrix), "fwt": forward_transfer(run.matrix, run.report["zero_shot"]), **run.report}
+    return finish_run(run, model, tasks, results)  # part 2's: <out>/model, results.json and .png; R printed
 
 
 # ================================================================ PART 2: SUPPORT
@@ -730,6 +645,8 @@ import inspect
 import json
 import math
 import multiprocessing
+import os
+import re
 import shutil
 import signal
 import statistics
@@ -739,6 +656,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 from peft import LoraConfig, PeftConfig, PeftModel
 from PIL import ImageDraw, ImageFont
@@ -749,6 +667,10 @@ from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor
                           CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           PreTrainedTokenizerFast)
 from transformers.utils.logging import disable_progress_bar
+
+HERE = Path(__file__).resolve().parent
+# Under torchrun, this process's place among the processes (see "several processes", at the end); else 0 of 1.
+RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 # ---------------------------------------------------------------- flags
 class InputError(Exception):
@@ -1190,6 +1112,26 @@ def check_inputs(args):
     return tasks
 
 
+# The seven tiny tasks of tiny_tasks/ in their default order: captioning first, as in the paper, multiple choice last.
+TASK_ORDER = ["caption", "ocr", "classify", "vqa", "count", "grounding", "mcq"]
+
+
+def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None, eval_split="test", metrics=None,
+               references=None):
+    """{task: {"train": examples, "test": examples, "metric": how test is scored}}, in training order (part 1 says
+    what an example is). The scored split is test.json (--eval-split val: val.json), or the other where a task has
+    only that; the metric is inferred from the answers where --metrics does not name it."""
+    check_task_folders(data_dir, names)
+    tasks = {}
+    for name in names:
+        test = load_split(data_dir, name, scored_split(data_dir / name, eval_split), image_root)[:max_test]
+        if name in (references or {}):  # answers kept apart from the questions, as TextVQA's official 10
+            take_references(test, references[name])
+        tasks[name] = {"train": load_split(data_dir, name, "train", image_root)[:max_train], "test": test,
+                       "metric": (metrics or {}).get(name) or metric_for(test)}
+    return tasks
+
+
 def check_images(tasks):
     """Every picture the run will read opens as an image, so that a broken file in the last task's data is found
     before the first task trains: a PNG's every chunk is read and checked (no pixel decoded); any other picture is
@@ -1197,11 +1139,19 @@ def check_images(tasks):
     (about 3.5 ms for a 640 x 480 JPEG here, about 7 minutes for COCO's 118 K train images)."""
     for path in sorted({e["image"] for task in tasks.values() for split in ["train", "test"] for e in task[split]
                         if e["image"]}):
-        try:
-            with Image.open(path) as image:
-                image.verify() if image.format == "PNG" else image.load()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise InputError(f"{path}: not a readable image ({error})") from None
+        with readable_image(path) as image:
+            image.verify() if image.format == "PNG" else image.load()
+
+
+@contextmanager
+def readable_image(path):
+    """A picture opened by Pillow, or one line naming it where it does not read; Pillow's decompression-bomb limit
+    stays on, so an absurdly large image is refused."""
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise InputError(f"{path}: not a readable image ({error})") from None
 
 
 def folder_list(text):
@@ -1245,7 +1195,7 @@ def load_split(data_dir, name, split, image_root=None):
     examples = []
     for index, record in enumerate(read_records(path)):
         conversation = isinstance(record, dict) and "conversations" in record
-        examples.append((example_from if conversation else flat_example)(record, f"{path}: record {index}",
+        examples.append((conversation_example if conversation else flat_example)(record, f"{path}: record {index}",
                                                                          image_dir, allowed))
     return examples
 
@@ -1319,6 +1269,22 @@ def check_record(record, where):
     return where
 
 
+def conversation_example(record, where, image_dir, allowed):
+    """A LLaVA record: {"image"?, "conversations": [{"from": "human", "value"}, {"from": "gpt", "value"}, ...]}, as
+    part 1's example. <image> may stand anywhere in a question: part 1's chat puts the picture first."""
+    where = check_record(record, where)  # and names the record by its id from here on
+    turns = record["conversations"]
+    exchanges = [(without_image_tag(asked["value"]), said["value"].strip())
+                 for asked, said in zip(turns[::2], turns[1::2])]
+    (question, answer), history = exchanges[-1], exchanges[:-1]
+    return {"id": record.get("id"), "image": image_path(record, where, image_dir, allowed), "history": history,
+            "question": question, "answer": answer, "references": [answer]}
+
+
+def without_image_tag(question):
+    return question.replace("<image>", "").strip()
+
+
 def flat_example(record, where, image_dir, allowed):
     """A benchmark's evaluation record, as CoIN and UCIT release their test files: {"question_id", "image"?,
     "text": the question, and "answer", "answers" (several human answers, as strings or {"answer": ...}) or
@@ -1331,8 +1297,8 @@ def flat_example(record, where, image_dir, allowed):
     if not references or not all(references):
         raise InputError(f"{where} has an empty answer")
     return {"id": record.get("question_id", record.get("id")), "image": image_path(record, where, image_dir, allowed),
-            "history": [], "question": clean(record["text"]), "answer": Counter(references).most_common(1)[0][0],
-            "references": references}
+            "history": [], "question": without_image_tag(record["text"]),
+            "answer": Counter(references).most_common(1)[0][0], "references": references}
 
 
 def flat_references(record):
@@ -1486,13 +1452,14 @@ def load_pretrained(name, args, dtype):
                 AutoProcessor.from_pretrained(name, trust_remote_code=remote))
 
 
-def open_image(path):
-    """An RGB picture; Pillow's decompression-bomb limit stays on, so an absurdly large image is refused."""
-    try:
-        with Image.open(path) as image:
+def open_images(examples):
+    """The pictures of a batch, one list per example (empty without one), as every family's processor takes them, in
+    RGB; None for a batch with no picture at all."""
+    def rgb(path):
+        with readable_image(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise InputError(f"{path}: not a readable image ({error})") from None
+    images = [[rgb(e["image"])] if e["image"] else [] for e in examples]
+    return images if any(images) else None
 
 
 @contextmanager
@@ -1606,8 +1573,7 @@ def image_features(model, processor, examples, device):
     processor's whole output for the prompts, of which get_image_features takes what it needs (InstructBLIP's
     Q-Former reads the instruction too). The families return features per image, per tile or as one batch, but
     always one per image token, in order: so each prompt's image tokens say which are its own."""
-    batch = processor(images=open_images(examples), text=[prompt(processor, e) for e in examples], padding=True,
-                      return_tensors="pt").to(device)
+    batch = prompt_batch(processor, examples, device)
     wanted = inspect.signature(model.get_image_features).parameters
     output = model.get_image_features(**{key: value for key, value in batch.items() if key in wanted})
     features = torch.cat([f.reshape(-1, f.shape[-1]) for f in output.pooler_output]).float()
@@ -1621,18 +1587,14 @@ def image_token_id(model):
     return model.config.image_token_index if token is None else token  # 0 is a token too
 
 
-def stop_if_diverged(loss, desc, step):
-    """A loss that is no longer finite ends the run in one line, before the optimizer spreads it into every weight;
-    the checkpoints of the tasks before stand."""
-    if not math.isfinite(loss.item()):
-        raise InputError(f"{desc}: the loss is {loss.item()} at step {step}: training diverged; lower --lr (or the "
-                         "method's weight) and start again with --overwrite")
-
-
 def head_on_positions(model):
     """Whether the family computes logits only at chosen positions (transformers' logits_to_keep; not BLIP-2's)."""
-    model = getattr(model, "get_base_model", lambda: model)()  # under peft, the model it wraps
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
+
+
+def unwrapped(model):
+    """Under peft, the model it wraps; else the model."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def takes_suffix(processor):
@@ -1640,14 +1602,30 @@ def takes_suffix(processor):
     return "suffix" in inspect.signature(processor.__call__).parameters
 
 
-def encode_with_suffix(processor, example, images):
+def encode_with_suffix(processor, example):
     """PaliGemma's training example as its card makes it: prompt and answer go in apart, and the processor masks
     the prompt in the labels and marks it for prefix attention (token_type_ids)."""
+    images = open_images([example])
     if images is None:
         raise InputError(f"{type(processor).__name__} takes no text-only example, as {example['question'][:60]!r}")
-    encoding = processor(images=images, text=[prompt(processor, example)], suffix=[example["answer"]],
-                         return_tensors="pt")
-    return cut_to_length(dict(encoding), processor, example)
+    return dict(processor(images=images, text=[prompt(processor, example)], suffix=[example["answer"]],
+                          return_tensors="pt"))
+
+
+def answer_spans(processor, example, tokens):
+    """Where each reply lies in the conversation's tokens, for any chat template: from the length of the conversation
+    up to the reply's start to the length up to its end. Each prefix goes through the processor with the image
+    too, so that <image> expands exactly as in the whole text."""
+    images, messages = open_images([example]), chat(example)
+
+    def length(prefix, **options):
+        return len(processor(images=images, text=[processor.apply_chat_template(prefix, **options)])["input_ids"][0])
+    for reply in range(1, len(messages), 2):
+        start = length(messages[:reply], add_generation_prompt=True)
+        end = length(messages[:reply + 1]) if reply + 1 < len(messages) else len(tokens)
+        while not processor.tokenizer.decode(tokens[end - 1]).strip():  # a template's newline after the turn's end
+            end -= 1
+        yield start, end
 
 
 def check_for_model(model, processor, tasks, args):
@@ -1660,8 +1638,8 @@ def check_for_model(model, processor, tasks, args):
     if args.max_length:
         for task in tasks.values():
             for example in task["train"]:
-                encoded(processor, example)
-    model = getattr(model, "get_base_model", lambda: model)()  # under peft, the model it wraps
+                kept_encoding(processor, example)
+    model = unwrapped(model)
     needs = inspect.signature(model.forward).parameters["pixel_values"].default is inspect.Parameter.empty
     if not needs and args.train != "connector":
         return
@@ -1752,9 +1730,8 @@ def build_base(flavour, start, args, device):
     model.to(device)
     examples = [e for mix in BASE_MIXES[flavour] for e in load_split(TINY_MIXES, mix, "train")]
     recipe = with_args(args, batch_size=TINY_BASE["batch_size"], lr=TINY_BASE["lr"], grad_accum=1)
-    state = {"args": recipe, "processor": processor, "device": device}
-    train(model, examples, TINY_BASE[f"{flavour}_steps"], state, random.Random(TINY_BASE["seed"]),
-          desc=f"base: {flavour}")
+    run = Run(recipe, device, processor, random.Random(TINY_BASE["seed"]))
+    train(model, examples, TINY_BASE[f"{flavour}_steps"], run, desc=f"base: {flavour}")
     return model, processor
 
 
@@ -1939,13 +1916,20 @@ def collate(encodings, pad_id):
     return BatchFeature(batch)
 
 
-def encoded(processor, example):
-    """encode_example, done once per example (while the budget lasts): every step reuses the tokens and pixels."""
+def training_batch(processor, examples, device):
+    """A batch of training examples, each encoded once per run (kept_encoding) and padded to one length."""
+    return collate([kept_encoding(processor, e) for e in examples], processor.tokenizer.pad_token_id).to(device)
+
+
+def kept_encoding(processor, example):
+    """encode_example (or PaliGemma's), cut to --max-length, done once per example while the budget lasts: every
+    step reuses the tokens and pixels."""
     cache = ENCODINGS.setdefault(processor, {})
     key = (example["image"], tuple(example["history"]), example["question"], example["answer"])
     if key in cache:
         return cache[key]
-    encoding = encode_example(processor, example)
+    encode = encode_with_suffix if takes_suffix(processor) else encode_example
+    encoding = cut_to_length(encode(processor, example), processor, example)
     size = sum(tensor.numel() * tensor.element_size() for tensor in encoding.values())
     if ENCODED_BYTES.get(processor, 0) + size <= ENCODING_BUDGET:
         cache[key] = encoding
@@ -2018,8 +2002,7 @@ def rebuild_bases(args):
 def save_whole(model, processor, folder, recipe=None):
     """Saved beside, then renamed: a run killed while saving leaves no half-written model to load next time."""
     partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
+    save_model(model, processor, partial)
     if recipe:
         write_json(partial / "recipe.json", recipe)
     shutil.rmtree(folder, ignore_errors=True)
@@ -2034,28 +2017,60 @@ def write_json(path, data):
     os.replace(temporary, path)
 
 
-def save_run(args, state, model, results):
-    """The final model in the Hugging Face layout (with LoRA only the adapter, which names its base model), what a
-    method needs beside it to answer (eproj: every expert and key), results.json; the checkpoints go. Under
-    torchrun the first process writes."""
-    if RANK > 0:
+def begin_run(args, hooks, tasks):
+    """part 1's start_run, or with --resume the last checkpoint's run; then the held-in tasks, and what only the
+    loaded model can tell about the tasks, before any of them is scored."""
+    device = pick_device(args.device)
+    model, run = (resume_run if args.resume else start_run)(args, device, hooks)
+    run.held_in = held_in_tasks(args)
+    check_for_model(model, run.processor, tasks, args)
+    return model, run
+
+
+def keep_books(run, model, tasks, answer):
+    """The after_row hook: the held-in tasks scored in every row, the base's included, and after each trained stage
+    a checkpoint to resume from."""
+    score_held_in(run, model, answer, first=len(tasks))
+    if run.matrix:
+        save_checkpoint(run, model, list(tasks))
+
+
+def score_held_in(run, model, answer, first):
+    """The base's own held-in tasks (--held-in: InstructBLIP's instruction-tuning sets, say), scored in every row as
+    the paper's code does: never trained, out of the continual metrics; forgetting: best row's score minus last."""
+    if not run.held_in:
         return
-    with disk_full_in_one_line(args.out / "model"):
-        model.save_pretrained(args.out / "model")
-        state["processor"].save_pretrained(args.out / "model")
-        if state.get("saved_with_model"):
-            torch.save({key: state[key] for key in state["saved_with_model"]}, args.out / "model" / "method_state.pt")
-        write_json(args.out / "results.json", results)
-        draw_results(results, args.out / "results.png")
-    remove_checkpoints(args.out)  # <out>/model now holds the same weights
+    held_in = run.report.setdefault("held_in", {"tasks": list(run.held_in), "matrix": []})
+    held_in["matrix"].append(evaluate_all(run, model, run.held_in, "  held-in tasks of the base", answer, first))
+    columns = list(zip(*held_in["matrix"]))
+    held_in["forgetting"] = sum(max(column) - column[-1] for column in columns) / len(columns)
 
 
-def bookkeeping(args, state, tasks):
-    """What results.json keeps beside a run's metrics: each task's metric, how many records --max-length cut, the
-    wall time (before an interruption too) and every flag."""
-    return {"metrics": {name: task["metric"] for name, task in tasks.items()},
-            "records_cut": len(CUT.get(state["processor"], ())), "wall_time_s": wall_time(state),
-            "config": vars(args)}
+def finish_run(run, model, tasks, results):
+    """What results.json keeps beside a run's metrics (each task's metric, how many records --max-length cut, the
+    wall time, before an interruption too, and every flag); the final model in the Hugging Face layout (with LoRA
+    only the adapter, which names its base model) and what a method needs beside it to answer (eproj: every expert
+    and key); the checkpoints go; R and the metrics printed. Under torchrun the first process writes."""
+    args = run.args
+    results |= {"metrics": {name: task["metric"] for name, task in tasks.items()},
+                "records_cut": len(CUT.get(run.processor, ())), "wall_time_s": wall_time(run), "config": vars(args)}
+    if RANK == 0:
+        with disk_full_in_one_line(args.out / "model"):
+            save_model(model, run.processor, args.out / "model")
+            if run.memory.get("saved_with_model"):
+                torch.save({key: run.memory[key] for key in run.memory["saved_with_model"]},
+                           args.out / "model" / "method_state.pt")
+            write_json(args.out / "results.json", results)
+            draw_results(results, args.out / "results.png")
+        remove_checkpoints(args.out)  # <out>/model now holds the same weights
+    print_results(results, args.out)
+    return results
+
+
+def save_model(model, processor, folder):
+    """A model folder in the Hugging Face layout: what --model loads."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def finished_run(args):
@@ -2131,34 +2146,28 @@ def check_same_run(saved, args):
                          "trained on): give its data, or --overwrite, or another --out")
 
 
-# What the loop itself puts in a method's state; everything else is the method's memory, kept in checkpoints.
-LOOP_STATE = ["args", "processor", "device", "task", "held_in", "started"]
-
-
-def wall_time(state):
+def wall_time(run):
     """Seconds the run has taken so far; a resumed run's clock starts as far back as the time it had taken."""
-    return round(time.time() - state["started"], 1)
+    return round(time.time() - run.started, 1)
 
 
-def save_checkpoint(state, model, rng, task_names, matrix):
+def save_checkpoint(run, model, task_names):
     """After each task, what the run needs to go on: weights (safetensors), the method's memory and the
     random generators (torch.save of tensors and plain values, read back with weights_only=True), the rows.
 
     progress.json is renamed into place last and names the checkpoint: it only ever points at a complete one.
     """
-    args = state["args"]
+    args = run.args
     if RANK > 0:  # under torchrun the first process keeps the books
         return
-    folder = args.out / f"checkpoint-{len(matrix)}"
+    folder = args.out / f"checkpoint-{len(run.matrix)}"
     shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while saving
-    memory = {key: value for key, value in state.items() if key not in LOOP_STATE}
     with disk_full_in_one_line(folder):
-        model.save_pretrained(folder / "model")
-        state["processor"].save_pretrained(folder / "model")
-        torch.save({"memory": memory, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                    "trains": list(trainable(model))}, folder / "state.pt")
-        write_json(args.out / "progress.json", {"tasks": task_names, "matrix": matrix, "checkpoint": folder.name,
-                                                "wall_time_s": wall_time(state), "config": vars(args)})
+        save_model(model, run.processor, folder / "model")
+        torch.save({"memory": run.memory, "report": run.report, "rng": run.rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "trains": list(trainable(model))}, folder / "state.pt")
+        write_json(args.out / "progress.json", {"tasks": task_names, "matrix": run.matrix, "checkpoint": folder.name,
+                                                "wall_time_s": wall_time(run), "config": vars(args)})
     remove_checkpoints(args.out, keep=folder)
 
 
@@ -2171,7 +2180,7 @@ def remove_checkpoints(out, keep=None):
 def resume_run(args, device, hooks):
     """--resume, one step before the loop (nanoGPT's init_from='resume'): the model, the method's memory and the
     random generators as the last checkpoint left them, and its rows; with no finished task, a fresh start."""
-    checkpoint = find_checkpoint(args)
+    checkpoint, progress = find_checkpoint(args)
     if checkpoint is None:
         return start_run(args, device, hooks)
     started, saved = time.time(), checkpoint / "model"
@@ -2186,13 +2195,13 @@ def resume_run(args, device, hooks):
             model, processor = load_model(with_args(args, model=str(saved)), device)
     for name, p in model.named_parameters():  # what trained before trains, whatever the method made train
         p.requires_grad_(name in saved_state["trains"])
-    progress = json.loads((args.out / "progress.json").read_text())
-    state = {"args": args, "processor": processor, "device": device, "task": 0, **saved_state["memory"],
-             "started": started - progress.get("wall_time_s", 0)}  # runs checkpointed before it kept no time
-    rng = random.Random()
-    rng.setstate(saved_state["rng"])
+    memory = saved_state["memory"]
+    report = saved_state.get("report", memory.pop("report", {}))  # checkpoints of 2026-12 and before kept it there
+    run = Run(args, device, processor, random.Random(), matrix=progress["matrix"], report=report, memory=memory,
+              started=started - progress.get("wall_time_s", 0))  # and some kept no time
+    run.rng.setstate(saved_state["rng"])
     torch.set_rng_state(saved_state["torch_rng"].cpu())
-    return model, state, rng, progress["matrix"]
+    return model, run
 
 
 @contextmanager
@@ -2206,15 +2215,19 @@ def damaged(checkpoint):
 
 
 def find_checkpoint(args):
-    """The checkpoint that --resume continues from, after checking that it is a run of the same kind."""
+    """The checkpoint that --resume continues from and progress.json's record of it, after checking that it is a run
+    of the same kind; (None, None) where no task has finished."""
     progress = args.out / "progress.json"
-    saved = run_file(progress, ["checkpoint", "config", "tasks", "matrix"]) if progress.is_file() else {}
+    saved = run_file(progress, PROGRESS_KEYS) if progress.is_file() else {}
     if not (args.out / saved.get("checkpoint", "none") / "state.pt").is_file():
         print(f"--resume: no finished task in {args.out}: starting from the first one")
-        return None
+        return None, None
     check_same_run({**saved["config"], "tasks": saved["tasks"]}, args)
     print(f"--resume: continuing {args.out} after task {len(saved['matrix'])} of {len(args.tasks)}")
-    return args.out / saved["checkpoint"]
+    return args.out / saved["checkpoint"], saved
+
+
+PROGRESS_KEYS = ["checkpoint", "config", "tasks", "matrix"]  # what save_checkpoint writes, and wall_time_s
 
 
 # ---------------------------------------------------------------- --profile: where the time goes
@@ -2234,7 +2247,7 @@ def profiled(args):
         def wrapper(*positional, **keywords):
             if name == "train":  # one step's FLOPs, before the steps: gradients are cleared after, nothing else moves
                 call = inspect.signature(function).bind(*positional, **keywords).arguments
-                count_flops(call["model"], call["examples"], call["steps"], call["state"], work,
+                count_flops(call["model"], call["examples"], call["steps"], call["run"], work,
                             originals["training_batch"])
             started = time.perf_counter()
             try:
@@ -2254,13 +2267,13 @@ def profiled(args):
         print_profile(time.perf_counter() - started, spent, work, args)
 
 
-def count_flops(model, examples, steps, state, work, make_batch):
+def count_flops(model, examples, steps, run, work, make_batch):
     """The FLOPs of one training step (forward and backward) on a batch of this task, times the task's steps.
     Counted in training mode, as the steps run: in evaluation mode transformers skips gradient checkpointing, and
     this step alone would keep every activation (on an H200 it was the LoRA run's peak: 36 GB of a 7B, not 15)."""
-    args = state["args"]
+    args = run.args
     sample = random.Random(0).sample(examples, min(args.batch_size, len(examples)))
-    batch = make_batch(state["processor"], sample, state["device"])
+    batch = make_batch(run.processor, sample, run.device)
     was_training = model.training
     model.train()
     with FlopCounterMode(display=False) as counter:
@@ -2550,6 +2563,13 @@ def draw_matrices(all_results, path, note=""):
 
 
 # ---------------------------------------------------------------- several runs: methods side by side, seeds
+def other_commands(args):
+    """What the command does other than one run: --plan, from the model's config alone; or several runs."""
+    if args.plan:
+        return plan(args)
+    return several_runs(args, check_inputs(args))
+
+
 def several_runs(args, tasks):
     """--seeds, --method all, --analyze pairs: part 1's run_method (or the pair analysis) once per seed and method,
     --jobs of them at a time; then the methods side by side per seed (<out>[/seed<k>]/summary.*) and over seeds."""
@@ -2731,8 +2751,8 @@ def analyze_pairs(args, tasks):
     started = time.time()
     args = with_args(args, method="finetune")
     device = pick_device(args.device)
-    model, state, _, _ = start_run(args, device, method_hooks(args))
-    processor, names = state["processor"], list(tasks)
+    model, run = start_run(args, device, method_hooks(args))
+    processor, names = run.processor, list(tasks)
     prototypes = [task_prototype(model, processor, tasks[name]["train"], device, args.seed) for name in names]
     similarity = {part: matrix.tolist() for part, matrix in task_similarity(prototypes).items()}
     base = snapshot(model)
@@ -2741,23 +2761,24 @@ def analyze_pairs(args, tasks):
         """Train one task from the given weights, each time with the same seeds: only the start differs."""
         load_snapshot(model, weights)
         torch.manual_seed(args.seed)
-        train(model, tasks[name]["train"], args.steps, state, random.Random(args.seed), hooks, desc=title)
+        run.rng = random.Random(args.seed)
+        train(model, tasks[name]["train"], args.steps, run, hooks, desc=title)
 
     scored_at = doubling_steps(args.steps)
     single, pair_scores, curves = {}, {}, {}
     for first in names:
         tune(base, first, f"{first} alone")
-        single[first] = evaluate_all(state, model, {first: tasks[first]}, f"after {first}")[0]
+        single[first] = evaluate_all(run, model, {first: tasks[first]}, f"after {first}")[0]
         after_first = snapshot(model)
         for second in [n for n in names if n != first]:
             curve = curves.setdefault(first, {}).setdefault(second, [])
             # the curve's last point is A's score at B's end, taken once by evaluate_all below
-            def score_first(state, model, step):
+            def score_first(run, model, step):
                 if step in scored_at[:-1]:
-                    curve.append(quiet_score(state, model, tasks[first]))
+                    curve.append(quiet_score(run, model, tasks[first]))
             tune(after_first, second, f"{first} then {second}", dict(NO_HOOKS, after_step=score_first))
             pair_scores.setdefault(first, {})[second] = evaluate_all(
-                state, model, {first: tasks[first], second: tasks[second]}, f"after {first} then {second}")
+                run, model, {first: tasks[first], second: tasks[second]}, f"after {first} then {second}")
             curve.append(pair_scores[first][second][0])
     report = {"tasks": names, "single": single, "pair_scores": pair_scores, "scored_at": scored_at, "curves": curves,
               "pair_forgetting": [[None if a == b else single[a] - statistics.fmean(curves[a][b]) for b in names]
@@ -2778,9 +2799,9 @@ def analyze_pairs(args, tasks):
     return report
 
 
-def quiet_score(state, model, task):
+def quiet_score(run, model, task):
     """A task's score in the middle of training, nothing printed; the model goes back to training mode."""
-    predictions = greedy_answers(state, model.eval(), task["test"], 0)
+    predictions = greedy_answers(run, model.eval(), task["test"], 0)
     model.train()
     return score(task, predictions)
 
@@ -2900,7 +2921,7 @@ def plan(args):
     shapes = {}
     for train in TRAINING:
         with torch.device("meta"):  # LoRA's adapters are made on the meta device too
-            trained = TRAINING[train]({"args": args}, meta_model(args, dtype))
+            trained = TRAINING[train](Run(args), meta_model(args, dtype))
         for name, p in trained.named_parameters():  # there peft leaves them float32; a run's are the model's dtype
             if "lora_" in name:
                 p.data = p.data.to(dtype)
@@ -3078,6 +3099,62 @@ def main_process_first():
         torch.distributed.barrier()
 
 
+class TrainingSteps:
+    """train's steps as one process or several take them (part 1 shows the step itself): a progress bar on the
+    first process; under torchrun, the model in DDP, every batch drawn whole by every process and trained on in
+    shares, each share's loss weighted so that DDP's average is one process's mean; a loss that is no longer finite
+    ends the run in one line, before the optimizer spreads it into every weight (the tasks before stand)."""
+    def __init__(self, model, steps, desc):
+        self.forward, self.desc = data_parallel(model), desc
+        self.progress = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, mininterval=1,
+                             disable=None if RANK == 0 else True)
+
+    def __iter__(self):
+        return iter(self.progress)
+
+    def draw(self, examples, batch_size, rng):
+        """The batch of every process, drawn alike by each: batch_size x the number of processes."""
+        return rng.sample(examples, min(batch_size * WORLD_SIZE, len(examples)))
+
+    def share(self, examples):
+        return PROCESSES.share(examples)
+
+    def weight(self, batch):
+        return token_share(batch)
+
+    def check(self, loss, step):
+        if not math.isfinite(loss.item()):
+            raise InputError(f"{self.desc}: the loss is {loss.item()} at step {step + 1}: training diverged; lower "
+                             "--lr (or the method's weight) and start again with --overwrite")
+        self.progress.set_postfix(loss=f"{loss.item():.3f}")
+
+
+class Processes:
+    """torchrun's processes as part 1 meets them outside train; in one process each of these changes nothing."""
+    def share(self, items):
+        """This process's share of a list: every n-th item."""
+        return items[RANK::WORLD_SIZE]
+
+    def in_batches(self, items, size, function):
+        """function over batches of `size` items, each process doing its share of the batches; every process gets
+        every result, in the items' order."""
+        shares = {start: function(items[start:start + size]) for start in self.share(range(0, len(items), size))}
+        if WORLD_SIZE > 1:
+            everyone = [None] * WORLD_SIZE
+            torch.distributed.all_gather_object(everyone, shares)
+            shares = {start: results for share in everyone for start, results in share.items()}
+        return [result for start in sorted(shares) for result in shares[start]]
+
+    def sum(self, tensors):
+        """Each tensor summed over the processes, in place (EWC's importances, of each process's examples)."""
+        if WORLD_SIZE > 1:
+            for tensor in tensors:
+                torch.distributed.all_reduce(tensor)
+
+
+PROCESSES = Processes()
+
+
 def data_parallel(model):
     """DistributedDataParallel over the weights that train now, made anew for each stage (eproj changes what
     trains between tasks, and DDP must see exactly that); in one process, the model itself."""
@@ -3100,40 +3177,24 @@ def token_share(batch):
     return WORLD_SIZE * own / everyone
 
 
-def in_order(shares):
-    """Every process's answers, {first question's index: answers}, gathered and joined in the questions' order."""
-    if WORLD_SIZE > 1:
-        everyone = [None] * WORLD_SIZE
-        torch.distributed.all_gather_object(everyone, shares)
-        shares = {first: answers for share in everyone for first, answers in share.items()}
-    return [answer for first in sorted(shares) for answer in shares[first]]
-
-
-def summed_over_processes(tensors):
-    """Each tensor summed over the processes, in place (EWC's importances, of each process's examples)."""
-    if WORLD_SIZE > 1:
-        for tensor in tensors:
-            torch.distributed.all_reduce(tensor)
-
-
 # ---------------------------------------------------------------- variants of the methods, each wired in by its flag
-def eproj_start_from_most_similar(state, model, examples):
+def eproj_start_from_most_similar(run, model, examples):
     """--similarity-init: the new expert starts as a copy of the earlier task's whose keys are nearest to the new
     task's, instead of the base's, to transfer what the two share."""
-    if state["task"] == 0:
-        return eproj_before_task(state, model, examples)
-    new = eproj_keys(state, model, examples)
-    source = int((torch.stack(state["keys"]) * new).sum((1, 2)).argmax())
-    state["report"].setdefault("started_from", {})[state["task"]] = source
-    load_snapshot(model, state["experts"][source])
+    if run.stage == 0:
+        return eproj_before_task(run, model, examples)
+    new = eproj_keys(run, model, examples)
+    source = int((torch.stack(run.memory["keys"]) * new).sum((1, 2)).argmax())
+    run.report.setdefault("started_from", {})[run.stage] = source
+    load_snapshot(model, run.memory["experts"][source])
 
 
-def eproj_oracle_answer(state, model, examples, task):
+def eproj_oracle_answer(run, model, examples, task):
     """--oracle-task: a seen task's questions go to its own parameters, for comparison with routing by keys;
     a task not yet seen has no parameters of its own, so its questions are still routed."""
-    if task > state["task"]:
-        return eproj_answer(state, model, examples, task)
-    return answer_with_experts(state, model, examples, [task] * len(examples))
+    if task > run.stage:
+        return eproj_answer(run, model, examples, task)
+    return answer_with_experts(run, model, examples, [task] * len(examples))
 
 
 VARIANTS = {  # flag: (the method it varies, the hooks it puts in place of the method's own)
@@ -3142,8 +3203,9 @@ VARIANTS = {  # flag: (the method it varies, the hooks it puts in place of the m
 }
 
 
-def variant_hooks(args):
-    hooks = {}
+def support_hooks(args):
+    """The hooks part 2 adds to a method's: the books after each row of R, and each variant whose flag is given."""
+    hooks = {"after_row": keep_books}
     for flag, (method, variant) in VARIANTS.items():
         if getattr(args, flag) and args.method == method:
             hooks |= variant

@@ -330,11 +330,11 @@ def test_a_model_without_image_support_is_refused_in_one_line(tmp_path, capsys, 
 def test_unreadable_corrupt_or_huge_images_are_refused_by_name(tmp_path, monkeypatch):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(cit.InputError, match="corrupt.png: not a readable image"):
-        cit.open_image(str(tmp_path / "corrupt.png"))
+        cit.open_images([{"image": str(tmp_path / "corrupt.png")}])
     Image.new("RGB", (50, 20)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses images over twice this many pixels
     with pytest.raises(cit.InputError, match="big.png: not a readable image.*decompression bomb"):
-        cit.open_image(str(tmp_path / "big.png"))
+        cit.open_images([{"image": str(tmp_path / "big.png")}])
 
 
 def test_a_broken_picture_or_a_reference_that_is_no_box_in_a_later_task_ends_before_any_training(tmp_path, capsys):
@@ -530,16 +530,16 @@ def test_metric_is_inferred_from_the_shape_of_the_answers():
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(tiny):
     model, processor = copy.deepcopy(tiny[0]), tiny[1]  # its weights are moved below
     args = cit.parse_args(["--batch-size", "4", "--ewc-samples", "8"])
-    state = {"args": args, "processor": processor, "device": "cpu", "task": 0}
-    cit.ewc_after_task(state, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
-    assert cit.ewc_penalty(state, model, None, None) == 0
-    importance = state["importance"].values()
+    run = cit.Run(args, "cpu", processor)
+    cit.ewc_after_task(run, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
+    assert cit.ewc_penalty(run, model, None, None) == 0
+    importance = run.memory["importance"].values()
     assert all((i >= 0).all() for i in importance) and sum(i.sum() for i in importance).item() == pytest.approx(1)
     with torch.no_grad():
         model.lm_head.weight += 0.01
-        small = cit.ewc_penalty(state, model, None, None).item()
+        small = cit.ewc_penalty(run, model, None, None).item()
         model.lm_head.weight += 0.01
-        large = cit.ewc_penalty(state, model, None, None).item()
+        large = cit.ewc_penalty(run, model, None, None).item()
     assert 0 < small < large
 
 
@@ -562,8 +562,8 @@ def normalized_mean(gradients, measure, params):
 def test_the_fisher_is_the_mean_of_each_examples_squared_gradient_not_of_the_batchs(tiny):
     model, processor = tiny
     examples = cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train")[:6]
-    state = {"args": cit.parse_args(["--ewc-samples", "6"]), "processor": processor, "device": "cpu", "task": 0}
-    fisher = cit.fisher_importance(state, model, examples)
+    run = cit.Run(cit.parse_args(["--ewc-samples", "6"]), "cpu", processor)
+    fisher = cit.fisher_importance(run, model, examples)
     params = cit.trainable(model)
     expected = normalized_mean(list(per_example_gradients(model, processor, examples, lambda b, o: o.loss)),
                                torch.square, params)
@@ -578,8 +578,8 @@ def test_the_fisher_is_the_mean_of_each_examples_squared_gradient_not_of_the_bat
 def test_mas_measures_how_the_answer_logits_move_and_ignores_unused_embeddings(tiny):
     model, processor = tiny
     examples = cit.load_split(cit.HERE / "tiny_tasks", "count", "train")[:4]
-    state = {"args": cit.parse_args(["--ewc-samples", "4"]), "processor": processor, "device": "cpu", "task": 0}
-    mas = cit.mas_importance(state, model, examples)
+    run = cit.Run(cit.parse_args(["--ewc-samples", "4"]), "cpu", processor)
+    mas = cit.mas_importance(run, model, examples)
 
     def squared_logits(batch, outputs):  # the squared norm of the logits that predict the answer, per position
         answer = batch["labels"][:, 1:] != -100
@@ -594,7 +594,7 @@ def test_mas_measures_how_the_answer_logits_move_and_ignores_unused_embeddings(t
     unused = torch.ones(len(embeddings), dtype=torch.bool)
     unused[used] = False
     assert embeddings[unused].abs().sum() == 0 and embeddings[used].abs().sum() > 0
-    assert not torch.allclose(mas["lm_head.weight"], cit.fisher_importance(state, model, examples)["lm_head.weight"])
+    assert not torch.allclose(mas["lm_head.weight"], cit.fisher_importance(run, model, examples)["lm_head.weight"])
 
 
 def test_tir_similarity_is_the_product_of_sigmoids_of_z_scored_cosines():
@@ -631,29 +631,29 @@ def test_tir_is_wired_in_by_its_flag_and_reports_each_new_tasks_similarities(tmp
 
 def test_lwf_term_is_zero_while_the_model_equals_its_frozen_copy(tiny):
     model, processor = copy.deepcopy(tiny[0]), tiny[1]  # its weights are moved below
-    state = {"args": cit.parse_args([]), "task": 1}
-    cit.lwf_before_task(state, model, [])
+    run = cit.Run(cit.parse_args([]), stage=1)
+    cit.lwf_before_task(run, model, [])
     batch = cit.training_batch(processor, cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train")[:4], "cpu")
-    assert cit.lwf_distillation(state, model, batch, cit.answer_logits(model, batch)[0]).item() == pytest.approx(
+    assert cit.lwf_distillation(run, model, batch, cit.answer_logits(model, batch)[0]).item() == pytest.approx(
         0, abs=1e-6)
     with torch.no_grad():
         model.lm_head.weight += 0.1 * torch.randn_like(model.lm_head.weight)
-        assert cit.lwf_distillation(state, model, batch, cit.answer_logits(model, batch)[0]).item() > 1e-4
+        assert cit.lwf_distillation(run, model, batch, cit.answer_logits(model, batch)[0]).item() > 1e-4
 
 
 def test_replay_keeps_the_set_number_per_task_and_mixes_them_into_batches():
     args = cit.parse_args(["--replay-size", "5", "--replay-ratio", "0.25"])
-    state = {"args": args}
+    run = cit.Run(args)
     for task in range(2):
-        state["task"] = task
-        cit.replay_after_task(state, None, [{"task": task, "i": i} for i in range(50)])
-    assert [e["task"] for e in state["buffer"]] == [0] * 5 + [1] * 5
-    batch = cit.replay_mix(state, [{"task": 2, "i": i} for i in range(16)], random.Random(0))
+        run.stage = task
+        cit.replay_after_task(run, None, [{"task": task, "i": i} for i in range(50)])
+    assert [e["task"] for e in run.memory["buffer"]] == [0] * 5 + [1] * 5
+    batch = cit.replay_mix(run, [{"task": 2, "i": i} for i in range(16)], random.Random(0))
     assert len(batch) == 16 and sum(e["task"] < 2 for e in batch) == 4
-    state = {"args": cit.parse_args(["--replay-fraction", "0.01"]), "task": 0}  # the paper's 1%, at least one
+    run = cit.Run(cit.parse_args(["--replay-fraction", "0.01"]))  # the paper's 1%, at least one
     for size in [300, 50]:
-        cit.replay_after_task(state, None, [{"i": i} for i in range(size)])
-    assert len(state["buffer"]) == 3 + 1
+        cit.replay_after_task(run, None, [{"i": i} for i in range(size)])
+    assert len(run.memory["buffer"]) == 3 + 1
 
 
 def test_eproj_leaves_the_shared_weights_and_earlier_experts_untouched_and_routes_right(tmp_path, cache):
@@ -661,32 +661,31 @@ def test_eproj_leaves_the_shared_weights_and_earlier_experts_untouched_and_route
                            "--cache", str(cache), "--out", str(tmp_path), "--show", "0"])
     tasks = cit.load_tasks(cit.HERE / "tiny_tasks", ["count", "mcq"], None, 20)
     hooks = cit.method_hooks(args)
-    model, state, rng, matrix = cit.start_run(args, "cpu", hooks)
+    model, run = cit.start_run(args, "cpu", hooks)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     first_expert = []
-    hooks["after_task"] = lambda state, model, examples: (cit.eproj_after_task(state, model, examples),
-                                                          first_expert.append(cit.snapshot(model)))
-    cit.run_sequence(model, tasks, hooks, state, rng, matrix)
-    expert = state["experts"][0]
+    hooks["after_task"] = lambda run, model, examples: (cit.eproj_after_task(run, model, examples),
+                                                        first_expert.append(cit.snapshot(model)))
+    cit.run_sequence(model, tasks, hooks, run)
+    expert = run.memory["experts"][0]
     assert all(torch.equal(expert[n], first_expert[0][n]) for n in expert)  # task 0's expert, as it finished
-    assert any(not torch.equal(expert[n], state["experts"][1][n]) for n in expert)  # task 1 trained its own
+    assert any(not torch.equal(expert[n], run.memory["experts"][1][n]) for n in expert)  # task 1 trained its own
     parts = cit.model_parts(model)
     assert set(expert) == set(parts["connector"])  # the paper's experts: projector copies, the rest frozen
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     language = [n for n, _ in model.named_parameters() if cit.inside(n, parts["language"])]
     assert language and all(n in frozen for n in language)  # every weight of the language model stayed frozen
-    assert state["routing"] == {0: 1.0, 1: 1.0}
-    assert state["report"]["trainable_per_task"] == sum(p.numel() for p in expert.values())
+    assert run.memory["routing"] == {0: 1.0, 1: 1.0}
+    assert run.report["trainable_per_task"] == sum(p.numel() for p in expert.values())
 
 
 def test_eproj_keys_are_pulled_to_the_direction_of_their_tasks_features(tiny):
     model, processor = tiny
-    state = {"args": cit.parse_args(["--method", "eproj"]), "processor": processor, "device": "cpu", "task": 0,
-             "report": {}}
-    model = cit.eproj_prepare(state, copy.deepcopy(model))
+    run = cit.Run(cit.parse_args(["--method", "eproj"]), "cpu", processor)
+    model = cit.eproj_prepare(run, copy.deepcopy(model))
     examples = cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train")
-    keys = cit.eproj_keys(state, model, examples)
-    features = cit.routing_features(state, model, cit.prototype_sample(examples, 0))
+    keys = cit.eproj_keys(run, model, examples)
+    features = cit.routing_features(run, model, cit.prototype_sample(examples, 0))
     for key, feature in zip(keys, features):
         assert F.cosine_similarity(key, feature.mean(0), dim=0) > 0.999 and key.norm() == pytest.approx(1)
 
@@ -695,22 +694,23 @@ def test_eproj_copies_what_train_says_the_connector_by_default_and_lora_with_the
     model, _ = tiny
     assert cit.parse_args(["--method", "eproj"]).train == "connector" and cit.parse_args([]).train == "all"
     args = cit.parse_args(["--method", "eproj", "--train", "lora"])
-    state = {"args": args, "report": {}}
-    adapted = cit.method_hooks(args)["prepare"](state, copy.deepcopy(model))
-    assert any(".lora_A." in n for n in state["initial"]) and any(".modules_to_save." in n for n in state["initial"])
-    assert set(state["initial"]) == set(cit.trainable(adapted))
+    run = cit.Run(args)
+    adapted = cit.method_hooks(args)["prepare"](run, copy.deepcopy(model))
+    initial = run.memory["initial"]
+    assert any(".lora_A." in n for n in initial) and any(".modules_to_save." in n for n in initial)
+    assert set(initial) == set(cit.trainable(adapted))
 
 
 # ---- the loop
 def test_a_method_is_added_by_a_few_lines_and_one_entry_in_methods(tmp_path, cache, monkeypatch):
     """As the README shows: an L2 penalty towards the weights after the last task, in 7 lines."""
-    def l2_after_task(state, model, examples):
-        state["anchor"] = cit.snapshot(model)
+    def l2_after_task(run, model, examples):
+        run.memory["anchor"] = cit.snapshot(model)
 
-    def l2_penalty(state, model, batch, logits):
-        if "anchor" not in state:
+    def l2_penalty(run, model, batch, logits):
+        if "anchor" not in run.memory:
             return 0.0
-        return 1e3 * sum(((p - state["anchor"][name]) ** 2).sum() for name, p in cit.trainable(model).items())
+        return 1e3 * sum(((p - run.memory["anchor"][name]) ** 2).sum() for name, p in cit.trainable(model).items())
     monkeypatch.setitem(cit.METHODS, "l2", {"after_task": l2_after_task, "extra_loss": l2_penalty})
     results = run(tmp_path, cache, "--method", "l2", "--tasks", "count,ocr", "--steps", "3", "--max-test", "4")
     assert results["method"] == "l2" and len(results["matrix"]) == 2
@@ -722,8 +722,8 @@ def test_the_loop_calls_a_methods_hooks_in_order(tmp_path, cache, monkeypatch):
     calls = []
 
     def recorder(event, returns):
-        def hook(state, *args):
-            calls.append((event, state["task"]))
+        def hook(run, *args):
+            calls.append((event, run.stage))
             return returns(*args)
         return hook
     monkeypatch.setitem(cit.METHODS, "finetune", {
@@ -1064,9 +1064,9 @@ def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_last_che
 
 
 def test_a_question_that_is_only_the_picture_is_shown_with_its_answer(tiny, capsys):
-    state = {"args": cit.parse_args(["--show", "1", "--out", "unused"])}
+    run = cit.Run(cit.parse_args(["--show", "1", "--out", "unused"]))
     tasks = {"look": {"test": [example(None, "", "red")], "metric": "exact"}}
-    assert cit.evaluate_all(state, tiny[0], tasks, "after look", lambda *_: ["red"]) == [1.0]
+    assert cit.evaluate_all(run, tiny[0], tasks, "after look", lambda *_: ["red"]) == [1.0]
     assert "A: 'red'" in capsys.readouterr().out
 
 
@@ -1184,18 +1184,18 @@ def test_pair_analysis_trains_b_from_a_and_keeps_its_books(tmp_path, cache, monk
 def test_similarity_init_starts_a_new_expert_from_the_nearest_earlier_one(tmp_path, cache):
     args = cit.parse_args(["--method", "eproj", "--similarity-init", "--cache", str(cache)])
     hooks = cit.method_hooks(args)
-    model, state, _, _ = cit.start_run(args, "cpu", hooks)
-    hooks["before_task"](state, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
+    model, run = cit.start_run(args, "cpu", hooks)
+    hooks["before_task"](run, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
     with torch.no_grad():  # stands in for training task 0: its expert is no longer the base's
         for p in cit.trainable(model).values():
             p.add_(0.01 * torch.randn_like(p))
-    hooks["after_task"](state, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
-    state["task"] = 1
-    hooks["before_task"](state, model, cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train"))
+    hooks["after_task"](run, model, cit.load_split(cit.HERE / "tiny_tasks", "count", "train"))
+    run.stage = 1
+    hooks["before_task"](run, model, cit.load_split(cit.HERE / "tiny_tasks", "ocr", "train"))
     now = cit.trainable(model)
-    assert all(torch.equal(now[n], state["experts"][0][n]) for n in now)
-    assert any(not torch.equal(now[n], state["initial"][n]) for n in now)
-    assert state["report"]["started_from"] == {1: 0}
+    assert all(torch.equal(now[n], run.memory["experts"][0][n]) for n in now)
+    assert any(not torch.equal(now[n], run.memory["initial"][n]) for n in now)
+    assert run.report["started_from"] == {1: 0}
 
 
 # ---- real-model path, exercised on folders this project saves itself
@@ -1451,7 +1451,7 @@ def test_each_family_trains_the_answers_of_a_conversation_and_nothing_else(name,
     _, processor = loaded(family_folder(name))
     picture = str(cit.HERE / "tiny_tasks" / "count" / "images" / "test_0000.png")
     conversation = example(picture, "What shape is it?", "a ring", history=[("What colour is it?", "red")])
-    encoding = cit.encode_example(processor, conversation)
+    encoding = cit.kept_encoding(processor, conversation)
     labels = encoding["labels"][0]
     assert labels.shape == encoding["input_ids"][0].shape
     answered = torch.nonzero(labels != -100).flatten().tolist()
@@ -1476,7 +1476,7 @@ def test_each_familys_parts_are_found_by_what_they_are(name, family_folder):
                                       for n in parts["connector"])
     assert not any(p.requires_grad for n, p in model.named_parameters()
                    if cit.inside(n, parts["vision"]) and n not in parts["connector"])
-    lora = cit.add_lora({"args": cit.parse_args([])}, model)
+    lora = cit.add_lora(cit.Run(cit.parse_args([])), model)
     adapted = {n.split(".lora_A")[0] for n, _ in lora.named_parameters() if ".lora_A." in n}
     assert adapted and all(".layers." in n and f"{parts['language']}." in n for n in adapted)
     assert all(".modules_to_save." in n or ".lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
@@ -1539,7 +1539,7 @@ def test_another_family_learns_a_task_with_lora_and_with_full_tuning(tmp_path, c
 def test_a_family_that_needs_a_picture_refuses_text_only_examples_in_one_line(tmp_path, capsys, family_folder):
     _, processor = loaded(family_folder("paligemma"))  # its processor refuses them
     with pytest.raises(cit.InputError, match="PaliGemmaProcessor takes no text-only example"):
-        cit.encode_example(processor, example(None, "Say hi.", "hi"))
+        cit.kept_encoding(processor, example(None, "Say hi.", "hi"))
     write_task(tmp_path / "data" / "chat", [record(0, "<image>\nWhat colour?", "red"),
                                             {"id": "1", "conversations": [{"from": "human", "value": "Say hi."},
                                                                           {"from": "gpt", "value": "hi"}]}])
@@ -1560,7 +1560,7 @@ def test_qwen3_vls_connector_is_its_merger_and_the_deepstack_mergers_and_each_tr
     modules = {n.split(".linear_fc")[0].split(".norm")[0] for n in connector}
     assert modules == {"model.visual.merger", *(f"model.visual.deepstack_merger_list.{i}" for i in range(3))}
     with torch.device("meta"):
-        lora = cit.add_lora({"args": cit.parse_args([])}, model)  # peft copies each merger, not the list
+        lora = cit.add_lora(cit.Run(cit.parse_args([])), model)  # peft copies each merger, not the list
     saved = {n.split(".modules_to_save.")[0] for n, p in lora.named_parameters() if ".modules_to_save." in n}
     assert saved == {f"base_model.model.{m}" for m in modules}
     assert set(cit.trainable(cit.train_connector(None, meta_model_of("qwen3_vl")))) == set(connector)
@@ -1687,7 +1687,7 @@ def test_plan_from_a_config_alone_counts_what_a_run_of_the_family_trains(tmp_pat
     # the plan's dtype, auto, is a GPU's bfloat16
     args = cit.parse_args(["--model", str(family_folder(name)), "--train", train, "--lora-rank", "4", "--dtype",
                            "bfloat16"])
-    model = cit.TRAINING[train]({"args": args}, cit.load_model(args, "cpu")[0])
+    model = cit.TRAINING[train](cit.Run(args), cit.load_model(args, "cpu")[0])
     entry, trained = report["methods"]["finetune"], list(cit.trainable(model).values())
     assert entry["trainable"] == sum(p.numel() for p in trained)
     assert {p.dtype for p in trained} == {torch.bfloat16}  # LoRA's adapters too: no float32 layer in a bf16 model
@@ -1750,7 +1750,7 @@ def ready_to_train(tiny, train, checkpointing, dtype=torch.float32):
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    return cit.TRAINING[train]({"args": args}, model), processor, args
+    return cit.TRAINING[train](cit.Run(args), model), processor, args
 
 
 def caption_batch(processor, size=16):
@@ -1789,10 +1789,10 @@ def test_profiles_count_of_a_steps_flops_keeps_no_more_than_a_checkpointed_step(
     would skip checkpointing and that step alone would keep every activation (a 7B LoRA run's peak on a GPU)."""
     model, processor, args = ready_to_train(tiny, "lora", checkpointing=True)
     examples, batch = caption_batch(processor)
-    state = {"args": cit.with_args(args, batch_size=16), "processor": processor, "device": "cpu"}
+    run = cit.Run(cit.with_args(args, batch_size=16), "cpu", processor)
     step = kept_for_backward(model.train(), lambda: F.cross_entropy(*cit.answer_logits(model, batch)))
     work = cit.Counter()
-    counted = kept_for_backward(model.eval(), lambda: cit.count_flops(model, examples, 1, state, work,
+    counted = kept_for_backward(model.eval(), lambda: cit.count_flops(model, examples, 1, run, work,
                                                                       cit.training_batch))
     assert work["flops"] > 0 and counted <= 1.05 * step and not model.training
 
@@ -1844,7 +1844,7 @@ def loaded(args, device):
     after_loading.append(resident("VmRSS"))
     return model, processor
 def trained(model, examples, *rest, **named):
-    lengths.append(max(cit.training_batch(named.get("state", rest[1])["processor"], [e], "cpu")["input_ids"].shape[1]
+    lengths.append(max(cit.training_batch(named.get("run", rest[1]).processor, [e], "cpu")["input_ids"].shape[1]
                        for e in examples))
     peak_from_now()
     train(model, examples, *rest, **named)
