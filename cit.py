@@ -49,7 +49,8 @@ def prompt(processor, example):
 
 def prompt_batch(processor, examples, device):
     """Questions to be answered: their prompts with their pictures, padded to one length, on the device."""
-    return processor(images=open_images(examples), text=[prompt(processor, e) for e in examples], padding=True,
+    images = open_images(examples)  # part 2's: each example's picture, if it has one
+    return processor(images=images, text=[prompt(processor, e) for e in examples], padding=True,
                      return_tensors="pt").to(device)
 
 
@@ -58,7 +59,7 @@ def encode_example(processor, example):
     -100), so the loss is on every assistant turn and never on a prompt or an image token. Part 2's training_batch
     keeps each example's encoding for the run and pads a batch of them to one length."""
     text = processor.apply_chat_template(chat(example))
-    encoding = dict(processor(images=open_images([example]), text=[text], return_tensors="pt"))  # part 2's
+    encoding = dict(processor(images=open_images([example]), text=[text], return_tensors="pt"))  # open_images: part 2's
     tokens = encoding["input_ids"][0]
     encoding["labels"] = torch.full_like(encoding["input_ids"], -100)
     for start, end in answer_spans(processor, example, tokens):  # part 2's: each reply's tokens, in any template
@@ -76,7 +77,7 @@ def load_model(args, device):
     """The base LMM on its device, ready to tune: its vision encoder frozen, as in LLaVA's stage 2 (aligned once with
     the language model, never tuned after). --model tiny is a LLaVA made and pre-trained here (--base align or
     instruct); any other is a transformers image-text-to-text model: how each family loads is part 2's base_model."""
-    model, processor = base_model(args, device)
+    model, processor = base_model(args, device)  # part 2's
     model.to(device)
     freeze_vision_encoder(model)
     if args.gradient_checkpointing:
@@ -88,7 +89,7 @@ def load_model(args, device):
 def freeze_vision_encoder(model):
     """The vision encoder is never tuned after pre-training (nor Qwen-VL's, but its merger, which is the connector).
     An LMM's parts, vision encoder, connector, language model, are found by what they are (part 2's model_parts)."""
-    parts = model_parts(model)
+    parts = model_parts(model)  # part 2's
     for name, p in model.named_parameters():
         if name.startswith(parts["vision"] + ".") and name not in parts["connector"]:
             p.requires_grad_(False)
@@ -109,7 +110,7 @@ def add_lora(run, model):
     lora_config). The adapters are in the model's own dtype (peft would make them float32), so a bfloat16 model
     multiplies in bfloat16 throughout."""
     model.requires_grad_(False)
-    return get_peft_model(model, lora_config(run.args, model), autocast_adapter_dtype=False)
+    return get_peft_model(model, lora_config(run.args, model), autocast_adapter_dtype=False)  # part 2's lora_config
 
 
 def train_all(run, model):
@@ -296,7 +297,7 @@ def generate(model, processor, examples, args, device):
         batch = prompt_batch(processor, chunk, device)
         output = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
         return processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in PROCESSES.in_batches(examples, args.eval_batch_size, answer)]  # part 2's: shared
+    return [a.strip() for a in PROCESSES.answered(model, examples, args.eval_batch_size, answer)]  # part 2's: shared
 
 
 def evaluate_all(run, model, tasks, title, answer=greedy_answers, first=0):
@@ -320,7 +321,7 @@ def score(task, predictions):
     """A task's metric over its test examples: exact match and BLEU-4 score the tiny tasks; the real benchmarks'
     own scorers (VQA accuracy, option letters, box IoU, CIDEr...) are in part 2's METRICS, with metric_for, which
     picks one from the shape of a task's answers."""
-    return METRICS[task["metric"]](predictions, [e["references"] for e in task["test"]])
+    return METRICS[task["metric"]](predictions, [e["references"] for e in task["test"]])  # part 2's
 
 
 def summarize(matrix):
@@ -384,14 +385,14 @@ def per_example_importance(run, model, examples, objective, measure):
     model.train()
     for example in PROCESSES.share(sample):  # part 2's: under torchrun, each process its share; summed below
         model.zero_grad(set_to_none=True)
-        logits, targets = answer_logits(model, training_batch(run.processor, [example], run.device))
+        logits, targets = answer_logits(model, training_batch(run.processor, [example], run.device))  # part 2's
         objective(logits.float(), targets).backward()
         for name, p in params.items():
             if p.grad is not None:  # a weight the objective does not reach has no importance
                 total[name] += measure(p.grad.detach().float())
     model.zero_grad(set_to_none=True)
     model.eval()
-    PROCESSES.sum(total.values())
+    PROCESSES.sum(total.values())  # part 2's
     scale = sum(t.sum() for t in total.values())
     return {name: t / scale for name, t in total.items()}
 
@@ -613,7 +614,7 @@ METHODS = {
 # ---------------------------------------------------------------- the entry point
 def main(argv=None):
     """python cit.py --method ewc: the flags, the tasks, one continual run of the method."""
-    args = parse_args(argv)
+    args = parse_args(argv)  # part 2's
     with command_line(args):  # part 2's: one-line errors, torchrun's processes, --profile, --rebuild-base
         if args.plan or args.seeds or args.analyze or args.method == "all":
             return other_commands(args)  # part 2's: --plan; several runs: --seeds, --method all, --analyze pairs
@@ -661,6 +662,8 @@ from pathlib import Path
 from peft import LoraConfig, PeftConfig, PeftModel
 from PIL import ImageDraw, ImageFont
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, BatchFeature, CLIPImageProcessorPil,
@@ -677,7 +680,7 @@ class InputError(Exception):
     """A problem the user can fix (a flag, a data file, a model name): reported in one line, no traceback."""
 
 
-def number(kind, above=None, at_least=None, at_most=None):
+def bounded(kind, above=None, at_least=None, at_most=None):
     """An argparse type for a bounded number, so that a bad value is refused where its flag is read."""
     def parse(text):
         value = kind(text)  # the comparisons below are all False for nan, so nan is refused too
@@ -770,25 +773,31 @@ def argument_parser():
     run.add_argument("--out", help="output folder (default runs/<method>; runs/<method>-2, -3, ... where that holds "
                                    "an earlier run)")
     seeding = run.add_mutually_exclusive_group()
-    seeding.add_argument("--seed", type=number(int, at_least=0, at_most=MAX_SEED), default=0,
+    seeding.add_argument("--seed", type=bounded(int, at_least=0, at_most=MAX_SEED), default=0,
                          help="seed for sampling and initialization")
     seeding.add_argument("--seeds", type=seed_list,
                          help="run once per seed (e.g. 0,1,2), each in <out>/seed<k>, and report every metric's mean "
                               "and standard deviation over them in <out>/summary.json, .md and .png")
-    run.add_argument("--jobs", type=number(int, above=0), default=1,
+    run.add_argument("--jobs", type=bounded(int, above=0), default=1,
                      help="with --seeds or --method all: run this many runs at a time, each in a process of its own "
                           "with its share of the CPU threads")
     run.add_argument("--device", help="cuda, mps or cpu (default: the first one available)")
-    run.add_argument("--threads", type=number(int, above=0),
+    run.add_argument("--threads", type=bounded(int, above=0),
                      help="CPU threads per run (default: 1 for the tiny model, which a second thread speeds little "
                           "and slows much on a machine shared with other work; else the cores, shared among --jobs)")
-    run.add_argument("--show", type=number(int, at_least=0), default=1,
+    run.add_argument("--show", type=bounded(int, at_least=0), default=1,
                      help="sample answers printed per task after each task")
     run.add_argument("--plan", action="store_true",
                      help="instead of a run: from the model's config alone (no weights), what each method would "
                           "train and how much memory one process needs; writes <out>/plan.json")
     run.add_argument("--gpu-memory", type=number_list, default=[24.0, 40.0, 80.0],
                      help="--plan: say what fits on GPUs of these sizes, in GB")
+    run.add_argument("--shard", action="store_true",
+                     help="under torchrun: each process keeps 1/N of every weight, gradient and optimizer state "
+                          "(FSDP2, as DeepSpeed ZeRO-3), for full tuning of a model that one GPU cannot hold; "
+                          "finetune, replay and joint")
+    run.add_argument("--nproc", type=bounded(int, above=0), default=1,
+                     help="--plan --shard: plan each GPU's memory for this many processes")
     run.add_argument("--analyze", choices=["pairs"],
                      help="instead of a run: fine-tune every pair of tasks (A, then B) and relate the forgetting "
                           "to the tasks' similarity; writes <out>/pairs.json and pairs.png")
@@ -804,8 +813,9 @@ def argument_parser():
     data.add_argument("--data", default=str(HERE / "tiny_tasks"), help="folder of task folders (LLaVA format)")
     data.add_argument("--tasks", type=task_names, help="comma-separated task names, in training order "
                                       f"(default for the tiny tasks: {','.join(TASK_ORDER)})")
-    data.add_argument("--max-train", type=number(int, above=0), help="use at most this many training examples per task")
-    data.add_argument("--max-test", type=number(int, above=0), help="use at most this many test examples per task")
+    data.add_argument("--max-train", type=bounded(int, above=0),
+                      help="use at most this many training examples per task")
+    data.add_argument("--max-test", type=bounded(int, above=0), help="use at most this many test examples per task")
     data.add_argument("--image-root", help="resolve image paths against this folder instead of each task folder")
     data.add_argument("--eval-split", default="test", choices=["test", "val"],
                       help="the file each task is scored on, where it has one (else the other)")
@@ -819,7 +829,7 @@ def argument_parser():
                       help="task folders scored after every task but never trained: the base's own abilities, as "
                            "InstructBLIP's held-in sets (default for the tiny model: its base's, in tiny_tasks/base; "
                            "'none' for none)")
-    data.add_argument("--max-length", type=number(int, above=0),
+    data.add_argument("--max-length", type=bounded(int, above=0),
                       help="cut training records to this many tokens (default: the language model's limit)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny", help="'tiny', or a Hugging Face hub id or local folder")
@@ -835,7 +845,7 @@ def argument_parser():
                        "(default: lora for real models, all for tiny; eproj: connector)")
     model.add_argument("--lora", dest="train", action="store_const", const="lora", help="short for --train lora")
     model.add_argument("--no-lora", dest="train", action="store_const", const="all", help="short for --train all")
-    model.add_argument("--lora-rank", type=number(int, above=0), default=8,
+    model.add_argument("--lora-rank", type=bounded(int, above=0), default=8,
                        help="rank of LoRA adapters (--train lora)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="the weights' type; bfloat16 and float16 train through float32 master copies "
@@ -844,32 +854,32 @@ def argument_parser():
     model.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     model.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--steps", type=number(int, above=0), default=200, help="training steps per task")
-    optim.add_argument("--batch-size", type=number(int, above=0), default=16, help="examples per (micro-)batch")
-    optim.add_argument("--grad-accum", type=number(int, above=0), default=1, help="micro-batches per optimizer step")
-    optim.add_argument("--lr", type=number(float, above=0), default=2e-4,
+    optim.add_argument("--steps", type=bounded(int, above=0), default=200, help="training steps per task")
+    optim.add_argument("--batch-size", type=bounded(int, above=0), default=16, help="examples per (micro-)batch")
+    optim.add_argument("--grad-accum", type=bounded(int, above=0), default=1, help="micro-batches per optimizer step")
+    optim.add_argument("--lr", type=bounded(float, above=0), default=2e-4,
                        help="peak AdamW learning rate (LLaVA's LoRA recipe uses 2e-4 too; about 2e-5 for a real "
                             "model tuned whole)")
-    optim.add_argument("--eval-batch-size", type=number(int, above=0), default=100, help="questions answered at once")
-    optim.add_argument("--max-new-tokens", type=number(int, above=0),
+    optim.add_argument("--eval-batch-size", type=bounded(int, above=0), default=100, help="questions answered at once")
+    optim.add_argument("--max-new-tokens", type=bounded(int, above=0),
                        help="longest answer generated (default: 16 for tiny, whose longest answer is 9 tokens; "
                             "64 for real models)")
     cl = parser.add_argument_group("continual-learning methods")
-    cl.add_argument("--ewc-lambda", type=number(float, at_least=0), default=3e6,
+    cl.add_argument("--ewc-lambda", type=bounded(float, at_least=0), default=3e6,
                     help="EWC: weight of the quadratic penalty")
-    cl.add_argument("--ewc-samples", type=number(int, above=0), default=128,
+    cl.add_argument("--ewc-samples", type=bounded(int, above=0), default=128,
                     help="EWC: training examples, one at a time, over which a weight's importance is measured")
     cl.add_argument("--importance", choices=list(IMPORTANCE), default="fisher",
                     help="EWC: a weight's importance, the Fisher (EWC) or output sensitivity (MAS)")
-    cl.add_argument("--lwf-alpha", type=number(float, at_least=0), default=1.0,
+    cl.add_argument("--lwf-alpha", type=bounded(float, at_least=0), default=1.0,
                     help="LwF: weight of the distillation term")
-    cl.add_argument("--lwf-temperature", type=number(float, above=0), default=2.0, help="LwF: softmax temperature")
-    cl.add_argument("--replay-size", type=number(int, above=0), default=20,
+    cl.add_argument("--lwf-temperature", type=bounded(float, above=0), default=2.0, help="LwF: softmax temperature")
+    cl.add_argument("--replay-size", type=bounded(int, above=0), default=20,
                     help="replay: examples kept per finished task")
-    cl.add_argument("--replay-fraction", type=number(float, above=0, at_most=1),
+    cl.add_argument("--replay-fraction", type=bounded(float, above=0, at_most=1),
                     help="replay: keep this share of each finished task's training set instead (the paper's: 0.01), "
                          "at least one example")
-    cl.add_argument("--replay-ratio", type=number(float, at_least=0, at_most=1), default=0.25,
+    cl.add_argument("--replay-ratio", type=bounded(float, at_least=0, at_most=1), default=0.25,
                     help="replay: share of each batch from the buffer")
     cl.add_argument("--oracle-task", action="store_true", help="eproj: give the true task instead of routing")
     cl.add_argument("--similarity-init", action="store_true",
@@ -910,64 +920,7 @@ def with_args(args, **changes):
     return argparse.Namespace(**{**vars(args), **changes})
 
 
-def pick_device(requested=None):
-    if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            raise InputError(f"--device {requested}: not a device name torch knows (cuda, cuda:1, mps, cpu)") from None
-        if device.type not in ["cuda", "mps", "cpu"]:
-            raise InputError(f"--device {requested}: cit.py trains on cuda, mps or cpu")
-        if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not (
-                torch.backends.mps.is_available()):
-            raise InputError(f"--device {requested}: not available on this machine")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(args, device):
-    """--dtype auto: float32 for the tiny model on every device, so that a GPU teaches the lessons a CPU does (in
-    bfloat16 the tiny run learned less: caption 0.45 against 0.53 on an H200); a real model in bfloat16 on a GPU
-    that has it (its trained weights updated through float32 copies: adamw), else float32."""
-    if args.dtype != "auto":
-        return getattr(torch, args.dtype)
-    if args.model == "tiny" or torch.device(device).type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-
-
-def adamw(weights, lr, device):
-    """The loop's optimizer: AdamW, fused (one kernel over all the weights instead of a Python loop over them: a few
-    ms of each tiny step), over float32 master copies of whatever trains in a lower precision."""
-    return MasterWeightAdamW(weights, lr=lr, fused=torch.device(device).type in ["cpu", "cuda"])
-
-
-class MasterWeightAdamW(torch.optim.AdamW):
-    """AdamW for weights kept in bfloat16 (or float16): it updates float32 copies of them, the master weights, with
-    float32 moments, then copies the result back, so that an update smaller than a bfloat16 weight's precision (about
-    1/256 of it) still adds up over steps (the bf16 recipe of LLaVA, CoIN and DeepSpeed). 4 + 4 + 8 bytes per trained
-    weight beside the weight itself: its float32 copy, that copy's gradient, the two moments. Float32 weights are
-    their own masters: then it is AdamW itself, step for step. (float16 gets no loss scaling here.)"""
-    def __init__(self, weights, **options):
-        weights = list(weights)
-        masters = [w if w.dtype == torch.float32 else w.detach().float() for w in weights]
-        super().__init__(masters, **options)
-        self.copies = [(w, m) for w, m in zip(weights, masters) if m is not w]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for weight, master in self.copies:  # one weight's gradient at a time moves to float32
-            master.grad = None if weight.grad is None else weight.grad.float()
-            weight.grad = None
-        super().step(closure)
-        for weight, master in self.copies:
-            weight.copy_(master)
-
-
+# ---------------------------------------------------------------- the command: one-line errors, threads, --out held
 @contextmanager
 def command_line(args):
     """What the command needs around its runs: one-line input errors, torchrun's processes, --out held for the
@@ -999,8 +952,7 @@ def out_held(out):
     if RANK > 0:  # under torchrun the first process writes, and holds the folder
         yield
         return
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file: results go into a folder")
+    refuse_a_file(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a+")
@@ -1018,6 +970,11 @@ def out_held(out):
             lock.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
             lock.flush()
         yield
+
+
+def refuse_a_file(out):
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: results go into a folder")
 
 
 @contextmanager
@@ -1047,6 +1004,13 @@ def errors_in_one_line(args):
                 f"what was finished is kept in {args.out} (a run goes on with --resume --out {args.out})")
         print(f"\ncit.py: interrupted; {kept}", file=sys.stderr)
         sys.exit(130)
+
+
+def other_commands(args):
+    """What the command does other than one run: --plan, from the model's config alone; or several runs."""
+    if args.plan:
+        return plan(args)
+    return several_runs(args, check_inputs(args))
 
 
 # ---------------------------------------------------------------- input checks: one line naming the file or flag
@@ -1085,7 +1049,7 @@ def check_inputs(args):
     args.identity = run_identity(args)  # kept with the flags: what --resume compares the data by
     check_images(tasks)
     for name, task in tasks.items():
-        not_a_box = next((r for e in task["test"] for r in e["references"] if not box(r)), None)
+        not_a_box = next((r for e in task["test"] for r in e["references"] if not parsed_box(r)), None)
         if task["metric"] == "iou" and not_a_box is not None:
             raise InputError(f"task {name} is scored by iou, but its answer {not_a_box!r} is not a box [x1, y1, x2, y2]")
     if args.analyze and len(args.tasks) < 2:
@@ -1093,8 +1057,7 @@ def check_inputs(args):
     runs = [args.out / f"seed{seed}" for seed in args.seeds] if args.seeds else [args.out]
     outs = [run / method for run in runs for method in METHODS] if args.method == "all" else runs
     for out in outs:
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out} is a file: results go into a folder")
+        refuse_a_file(out)
         earlier = [out / f for f in ["results.json", "progress.json", "pairs.json"]]
         if not (args.resume or args.overwrite) and any(f.exists() for f in earlier):
             go_on = "" if args.analyze else "add --resume to continue it, "  # an analysis keeps no checkpoints
@@ -1109,26 +1072,6 @@ def check_inputs(args):
             for name in ["results", "progress", "pairs", "summary"]:
                 for kind in ["json", "md", "png"]:
                     (folder / f"{name}.{kind}").unlink(missing_ok=True)
-    return tasks
-
-
-# The seven tiny tasks of tiny_tasks/ in their default order: captioning first, as in the paper, multiple choice last.
-TASK_ORDER = ["caption", "ocr", "classify", "vqa", "count", "grounding", "mcq"]
-
-
-def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None, eval_split="test", metrics=None,
-               references=None):
-    """{task: {"train": examples, "test": examples, "metric": how test is scored}}, in training order (part 1 says
-    what an example is). The scored split is test.json (--eval-split val: val.json), or the other where a task has
-    only that; the metric is inferred from the answers where --metrics does not name it."""
-    check_task_folders(data_dir, names)
-    tasks = {}
-    for name in names:
-        test = load_split(data_dir, name, scored_split(data_dir / name, eval_split), image_root)[:max_test]
-        if name in (references or {}):  # answers kept apart from the questions, as TextVQA's official 10
-            take_references(test, references[name])
-        tasks[name] = {"train": load_split(data_dir, name, "train", image_root)[:max_train], "test": test,
-                       "metric": (metrics or {}).get(name) or metric_for(test)}
     return tasks
 
 
@@ -1171,6 +1114,10 @@ def held_in_tasks(args):
     return tasks
 
 
+# The seven tiny tasks of tiny_tasks/ in their default order: captioning first, as in the paper, multiple choice last.
+TASK_ORDER = ["caption", "ocr", "classify", "vqa", "count", "grounding", "mcq"]
+
+
 def default_task_names(data_dir):
     if not data_dir.is_dir():
         raise InputError(f"--data {data_dir}: no such folder")
@@ -1183,6 +1130,22 @@ def check_task_folders(data_dir, names):
         if not (data_dir / name).is_dir():
             raise InputError(f"--tasks: no task folder {name!r} in {data_dir} "
                              f"(there: {', '.join(default_task_names(data_dir)) or 'none'})")
+
+
+def load_tasks(data_dir, names, max_train=None, max_test=None, image_root=None, eval_split="test", metrics=None,
+               references=None):
+    """{task: {"train": examples, "test": examples, "metric": how test is scored}}, in training order (part 1 says
+    what an example is). The scored split is test.json (--eval-split val: val.json), or the other where a task has
+    only that; the metric is inferred from the answers where --metrics does not name it."""
+    check_task_folders(data_dir, names)
+    tasks = {}
+    for name in names:
+        test = load_split(data_dir, name, scored_split(data_dir / name, eval_split), image_root)[:max_test]
+        if name in (references or {}):  # answers kept apart from the questions, as TextVQA's official 10
+            take_references(test, references[name])
+        tasks[name] = {"train": load_split(data_dir, name, "train", image_root)[:max_train], "test": test,
+                       "metric": (metrics or {}).get(name) or metric_for(test)}
+    return tasks
 
 
 def load_split(data_dir, name, split, image_root=None):
@@ -1244,7 +1207,7 @@ def read_json(path):
     return parsed if jsonl else parsed[0]
 
 
-def named(record, where):
+def with_record_id(record, where):
     """Where a record is, with its id (LLaVA's 'id' or the benchmarks' 'question_id') from here on."""
     if not isinstance(record, dict):
         raise InputError(f"{where} is not a JSON object")
@@ -1254,7 +1217,7 @@ def named(record, where):
 
 def check_record(record, where):
     """That a conversation alternates human and gpt turns with text, from a question to a non-empty answer."""
-    where = named(record, where)
+    where = with_record_id(record, where)
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns or not all(isinstance(turn, dict) for turn in turns):
         raise InputError(f"{where} has no 'conversations' list")
@@ -1289,7 +1252,7 @@ def flat_example(record, where, image_dir, allowed):
     """A benchmark's evaluation record, as CoIN and UCIT release their test files: {"question_id", "image"?,
     "text": the question, and "answer", "answers" (several human answers, as strings or {"answer": ...}) or
     "answer_bbox" ("[x1, y1, x2, y2]" on a 0-1 scale)}. Trained on, its answer is its most common reference."""
-    where = named(record, where)
+    where = with_record_id(record, where)
     references = flat_references(record)
     if not isinstance(record.get("text"), str) or references is None:
         raise InputError(f"{where} has neither 'conversations' nor a 'text' question with an 'answer', 'answers' "
@@ -1356,60 +1319,37 @@ def image_path(record, where, image_dir, allowed):
     return image
 
 
-# ---------------------------------------------------------------- model families and the tiny base
-# load_model's plumbing: the tiny LLaVA and its bases, any transformers family from the hub or a folder, its parts
+# ---------------------------------------------------------------- model families: their parts, prompts and pictures
+# load_model's plumbing: any transformers family from the hub or a folder (or the tiny LLaVA, below), its parts
 # found by what they are, its prompts, its image features. A new family is supported here, and here only.
-# The tiny LMM: a CLIP vision tower (32x32 images, 8x8 patches: 16 image tokens), a two-layer MLP
-# projector and a Llama language model, with a byte-level tokenizer made here.
-TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                   image_size=32, patch_size=8)
-TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=256)
-TINY_VOCAB_SIZE = 1024
-# How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because nothing is
-# pre-trained here), beside the text-only instructions a real base's language model was tuned on before it saw a
-# picture (Vicuna's, FlanT5's): without them the tiny language model knows one instruction, and a task tuned into it
-# is mostly lost to the next (README: how the tiny world was decided). Then for "instruct" joint multi-task
-# instruction tuning on a broad mix (InstructBLIP's held-in sets in miniature) that keeps both, as LLaVA-1.5's and
-# InstructBLIP's mixes do. The base has its own seed: every run, whatever its --seed, starts from the same base,
-# as runs of a real LMM do.
-TINY_BASE = dict(align_steps=2400, instruct_steps=1200, batch_size=32, lr=1e-3, seed=0)
-TINY_MIXES = HERE / "tiny_tasks" / "base"  # a folder per task of the bases' mixes; those with a test split are held-in
-BASE_MIXES = {"align": ["describe", "language"],
-              "instruct": ["describe", "language", "exists", "color", "shape_options", "background", "size", "side",
-                           "how_many", "side_color", "two_colors"]}
-# The two bases ship with the project (4 MB each), so every machine starts from the same weights; a base is built
-# again only when the recipe above changes (into --cache) or on request (--rebuild-base, into this folder).
-SHIPPED_BASES = HERE / "tiny_tasks" / "base" / "models"
-# LLaVA-1.5's conversation format, written as a chat template so that the tiny model and real models
-# build prompts through the same call: processor.apply_chat_template.
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %} {% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-# A family whose processor has no chat template gets prompts as its model card writes them: BLIP-2 "Question: ...
-# Answer:", InstructBLIP the bare instruction (their processors put the query tokens in front), PaliGemma the
-# prompt after its image (its processor adds <bos> after the image and "\n" after the prompt, and joins the answer
-# itself). Any other family without one gets LLaVA-1.5's (llava_template). (transformers renders templates with trim_blocks, which
-# drops a newline written right after a tag: hence {{ '\n' }}.)
-TURN_TEXT = "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-CARD_TEMPLATES = {
-    "blip-2": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}Question: "
-              + TURN_TEXT + " Answer:{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
-    "instructblip": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}"
-                    + TURN_TEXT + "{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
-    "paligemma": "{% for m in messages %}{% if m['role'] == 'user' %}{% if loop.first %}{% for c in m['content'] %}"
-                 "{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}" + TURN_TEXT
-                 + "{% else %}{{ '\\n' }}" + TURN_TEXT + "{{ '\\n' }}{% endif %}{% endfor %}",
-}
+def pick_device(requested=None):
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise InputError(f"--device {requested}: not a device name torch knows (cuda, cuda:1, mps, cpu)") from None
+        if device.type not in ["cuda", "mps", "cpu"]:
+            raise InputError(f"--device {requested}: cit.py trains on cuda, mps or cpu")
+        if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not (
+                torch.backends.mps.is_available()):
+            raise InputError(f"--device {requested}: not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
-def llava_template(processor):
-    """LLaVA-1.5's prompt, for a family without a template of its own: with its processor's image token and its
-    tokenizer's end token in place of LLaVA's <image> and </s>."""
-    image = str(getattr(processor, "image_token", None) or "<image>")
-    return TINY_CHAT_TEMPLATE.replace("<image>", image).replace("</s>", "{{ eos_token }}")
+def pick_dtype(args, device):
+    """--dtype auto: float32 for the tiny model on every device, so that a GPU teaches the lessons a CPU does (in
+    bfloat16 the tiny run learned less: caption 0.45 against 0.53 on an H200); a real model in bfloat16 on a GPU
+    that has it (its trained weights updated through float32 copies: adamw), else float32."""
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    if args.model == "tiny" or torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
 
 
 def base_model(args, device):
@@ -1452,16 +1392,6 @@ def load_pretrained(name, args, dtype):
                 AutoProcessor.from_pretrained(name, trust_remote_code=remote))
 
 
-def open_images(examples):
-    """The pictures of a batch, one list per example (empty without one), as every family's processor takes them, in
-    RGB; None for a batch with no picture at all."""
-    def rgb(path):
-        with readable_image(path) as image:
-            return image.convert("RGB")
-    images = [[rgb(e["image"])] if e["image"] else [] for e in examples]
-    return images if any(images) else None
-
-
 @contextmanager
 def model_loading_errors(name):
     """A model that cannot be found or is not an image-text-to-text model ends in one line saying which."""
@@ -1500,6 +1430,32 @@ def mend_blip_image_token(processor):
         processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
 
 
+# A family whose processor has no chat template gets prompts as its model card writes them: BLIP-2 "Question: ...
+# Answer:", InstructBLIP the bare instruction (their processors put the query tokens in front), PaliGemma the
+# prompt after its image (its processor adds <bos> after the image and "\n" after the prompt, and joins the answer
+# itself). Any other family without one gets LLaVA-1.5's (llava_template). (transformers renders templates with
+# trim_blocks, which drops a newline written right after a tag: hence {{ '\n' }}.)
+TURN_TEXT = "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+
+
+CARD_TEMPLATES = {
+    "blip-2": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}Question: "
+              + TURN_TEXT + " Answer:{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
+    "instructblip": "{% for m in messages %}{% if m['role'] == 'user' %}{% if not loop.first %} {% endif %}"
+                    + TURN_TEXT + "{% else %} " + TURN_TEXT + "{{ eos_token }}{% endif %}{% endfor %}",
+    "paligemma": "{% for m in messages %}{% if m['role'] == 'user' %}{% if loop.first %}{% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}" + TURN_TEXT
+                 + "{% else %}{{ '\\n' }}" + TURN_TEXT + "{{ '\\n' }}{% endif %}{% endfor %}",
+}
+
+
+def llava_template(processor):
+    """LLaVA-1.5's prompt, for a family without a template of its own: with its processor's image token and its
+    tokenizer's end token in place of LLaVA's <image> and </s>."""
+    image = str(getattr(processor, "image_token", None) or "<image>")
+    return TINY_CHAT_TEMPLATE.replace("<image>", image).replace("</s>", "{{ eos_token }}")
+
+
 def model_parts(model):
     """An LMM's parts, found by what they are, whatever a family calls them: the vision encoder and the language
     model are what transformers' get_encoder("image") and get_decoder() give; the connector is every weight outside
@@ -1521,19 +1477,24 @@ def model_parts(model):
                          "Vision reads them through cross-attention layers): cit.py's connector, eproj's routing, "
                          "TIR and the pair study work on those tokens")
     parts = {"vision": names[id(vision)], "language": names[id(language)], "head": names[id(head)]}
-    connector = [n for n, _ in model.named_parameters() if not any(inside(n, parts[p]) for p in parts)]
+    connector = [n for n, _ in model.named_parameters() if not any(in_module(n, parts[p]) for p in parts)]
     if not connector:  # inside the vision encoder: what has weights after its stack of layers (its longest list)
         children = list(vision.named_children())
         stack = max((i for i, (_, module) in enumerate(children) if isinstance(module, torch.nn.ModuleList)),
                     key=lambda i: len(children[i][1]))
         after = [f"{parts['vision']}.{child}" for child, module in children[stack + 1:]
                  if any(True for _ in module.parameters())]
-        connector = [n for n, _ in model.named_parameters() if any(inside(n, module) for module in after)]
+        connector = [n for n, _ in model.named_parameters() if any(in_module(n, module) for module in after)]
     return parts | {"connector": connector}
 
 
-def inside(name, module):
+def in_module(name, module):
     return name == module or name.startswith(module + ".")
+
+
+def unwrapped(model):
+    """Under peft, the model it wraps; else the model."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def lora_config(args, model):
@@ -1542,7 +1503,7 @@ def lora_config(args, model):
     module's own (BLIP's query tokens, LLaVA-NeXT's image newline) stay as pre-trained: peft copies modules only."""
     parts = model_parts(model)
     head = model.get_output_embeddings()
-    linear = {name: module for name, module in model.named_modules() if inside(name, parts["language"])
+    linear = {name: module for name, module in model.named_modules() if in_module(name, parts["language"])
               and isinstance(module, torch.nn.Linear) and module is not head}
     narrowest = min(min(module.in_features, module.out_features) for module in linear.values())
     if args.lora_rank > narrowest:
@@ -1592,40 +1553,14 @@ def head_on_positions(model):
     return "logits_to_keep" in inspect.signature(unwrapped(model).forward).parameters
 
 
-def unwrapped(model):
-    """Under peft, the model it wraps; else the model."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def takes_suffix(processor):
-    """Whether the processor takes the answer apart from the prompt (PaliGemma's `suffix`)."""
-    return "suffix" in inspect.signature(processor.__call__).parameters
-
-
-def encode_with_suffix(processor, example):
-    """PaliGemma's training example as its card makes it: prompt and answer go in apart, and the processor masks
-    the prompt in the labels and marks it for prefix attention (token_type_ids)."""
-    images = open_images([example])
-    if images is None:
-        raise InputError(f"{type(processor).__name__} takes no text-only example, as {example['question'][:60]!r}")
-    return dict(processor(images=images, text=[prompt(processor, example)], suffix=[example["answer"]],
-                          return_tensors="pt"))
-
-
-def answer_spans(processor, example, tokens):
-    """Where each reply lies in the conversation's tokens, for any chat template: from the length of the conversation
-    up to the reply's start to the length up to its end. Each prefix goes through the processor with the image
-    too, so that <image> expands exactly as in the whole text."""
-    images, messages = open_images([example]), chat(example)
-
-    def length(prefix, **options):
-        return len(processor(images=images, text=[processor.apply_chat_template(prefix, **options)])["input_ids"][0])
-    for reply in range(1, len(messages), 2):
-        start = length(messages[:reply], add_generation_prompt=True)
-        end = length(messages[:reply + 1]) if reply + 1 < len(messages) else len(tokens)
-        while not processor.tokenizer.decode(tokens[end - 1]).strip():  # a template's newline after the turn's end
-            end -= 1
-        yield start, end
+def open_images(examples):
+    """The pictures of a batch, one list per example (empty without one), as every family's processor takes them, in
+    RGB; None for a batch with no picture at all."""
+    def rgb(path):
+        with readable_image(path) as image:
+            return image.convert("RGB")
+    images = [[rgb(e["image"])] if e["image"] else [] for e in examples]
+    return images if any(images) else None
 
 
 def check_for_model(model, processor, tasks, args):
@@ -1649,6 +1584,121 @@ def check_for_model(model, processor, tasks, args):
             who = f"{type(model).__name__} needs" if needs else "--train connector (eproj's default) needs"
             raise InputError(f"{who} a picture in every example; task {name} has {len(bare)} without one, as "
                              f"{bare[0]['question'][:60]!r}")
+
+
+# ---------------------------------------------------------------- the tiny base: a LLaVA made here and its recipe
+# The tiny LMM: a CLIP vision tower (32x32 images, 8x8 patches: 16 image tokens), a two-layer MLP
+# projector and a Llama language model, with a byte-level tokenizer made here.
+TINY_VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                   image_size=32, patch_size=8)
+
+
+TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256)
+
+
+TINY_VOCAB_SIZE = 1024
+
+
+# How the tiny bases are made: LLaVA's stage 1 (alignment on captions, every weight trains because nothing is
+# pre-trained here), beside the text-only instructions a real base's language model was tuned on before it saw a
+# picture (Vicuna's, FlanT5's): without them the tiny language model knows one instruction, and a task tuned into it
+# is mostly lost to the next (README: how the tiny world was decided). Then for "instruct" joint multi-task
+# instruction tuning on a broad mix (InstructBLIP's held-in sets in miniature) that keeps both, as LLaVA-1.5's and
+# InstructBLIP's mixes do. The base has its own seed: every run, whatever its --seed, starts from the same base,
+# as runs of a real LMM do.
+TINY_BASE = dict(align_steps=2400, instruct_steps=1200, batch_size=32, lr=1e-3, seed=0)
+
+
+TINY_MIXES = HERE / "tiny_tasks" / "base"  # a folder per task of the bases' mixes; those with a test split are held-in
+
+
+BASE_MIXES = {"align": ["describe", "language"],
+              "instruct": ["describe", "language", "exists", "color", "shape_options", "background", "size", "side",
+                           "how_many", "side_color", "two_colors"]}
+
+
+# The two bases ship with the project (4 MB each), so every machine starts from the same weights; a base is built
+# again only when the recipe above changes (into --cache) or on request (--rebuild-base, into this folder).
+SHIPPED_BASES = HERE / "tiny_tasks" / "base" / "models"
+
+
+# LLaVA-1.5's conversation format, written as a chat template so that the tiny model and real models
+# build prompts through the same call: processor.apply_chat_template.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %} {% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def tiny_base(flavour, args, device):
+    """The tiny base, as real continual tuning starts from LLaVA or InstructBLIP, in the Hugging Face layout:
+    the one shipped in tiny_tasks/base/models, or, if the recipe has changed since, one built from it once.
+    "instruct" goes on from "align": each stage up to the one asked for is found or built in turn."""
+    start = None
+    for stage in ["align", "instruct"][:1 + (flavour == "instruct")]:
+        folder = base_folder(stage, args)
+        with main_process_first():  # under torchrun one process builds it, the others wait and read it
+            if not (folder / "config.json").is_file():
+                print(f"the {stage} base in {SHIPPED_BASES} was made by another recipe: building one, kept in {folder}")
+                save_whole(*build_base(stage, start, args, device), folder, base_recipe(stage))
+        start = folder
+    return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+
+
+def base_folder(flavour, args):
+    """The shipped base if this recipe made it; otherwise one built from the recipe, kept in --cache by its key."""
+    key = base_recipe(flavour)["key"]
+    shipped = SHIPPED_BASES / flavour
+    made_by = json.loads((shipped / "recipe.json").read_text())["key"] if (shipped / "recipe.json").is_file() else None
+    return shipped if made_by == key else Path(args.cache) / f"base-{flavour}-{key}"
+
+
+def base_recipe(flavour):
+    """Everything that shapes a tiny base (the model's shape, the tokenizer's text, the stages and their data),
+    and a key of it: a base is only used by a recipe whose key it carries."""
+    stages = ["align"] if flavour == "align" else ["align", "instruct"]
+    recipe = {"vision": TINY_VISION, "text": TINY_TEXT, "vocab_size": TINY_VOCAB_SIZE, "stages": TINY_BASE,
+              "mixes": {stage: BASE_MIXES[stage] for stage in stages}, "chat_template": TINY_CHAT_TEMPLATE,
+              "tokenizer_text": hashlib.sha256("\n".join(tiny_corpus()).encode()).hexdigest(),
+              "data": {mix: files_digest(TINY_MIXES / mix) for mix in BASE_MIXES[flavour]}}
+    return {"key": hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12], "recipe": recipe}
+
+
+def files_digest(folder):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def rebuild_bases(args):
+    """--rebuild-base: both tiny bases again from the recipe, into tiny_tasks/base/models, which ships them.
+
+    A maintainer's step after changing the recipe; a test fails until the shipped bases match it again."""
+    device = pick_device(args.device)
+    for flavour, start in [("align", None), ("instruct", SHIPPED_BASES / "align")]:
+        save_whole(*build_base(flavour, start, args, device), SHIPPED_BASES / flavour, base_recipe(flavour))
+
+
+def build_base(flavour, start, args, device):
+    """LLaVA's stages in miniature: "align" is stage 1 (captions, every weight trains, since nothing here is
+    pre-trained); "instruct" goes on from the align base in folder `start` with joint multi-task instruction
+    tuning, the vision encoder frozen."""
+    if flavour == "align":
+        torch.manual_seed(TINY_BASE["seed"])
+        model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
+    else:
+        model, processor = LlavaForConditionalGeneration.from_pretrained(start), AutoProcessor.from_pretrained(start)
+        freeze_vision_encoder(model)
+    model.to(device)
+    examples = [e for mix in BASE_MIXES[flavour] for e in load_split(TINY_MIXES, mix, "train")]
+    recipe = with_args(args, batch_size=TINY_BASE["batch_size"], lr=TINY_BASE["lr"], grad_accum=1)
+    run = Run(recipe, device, processor, random.Random(TINY_BASE["seed"]))
+    train(model, examples, TINY_BASE[f"{flavour}_steps"], run, desc=f"base: {flavour}")
+    return model, processor
 
 
 def tiny_tokenizer(texts):
@@ -1702,37 +1752,404 @@ def tiny_config_and_processor(tokenizer):
     return config, processor
 
 
-def tiny_base(flavour, args, device):
-    """The tiny base, as real continual tuning starts from LLaVA or InstructBLIP, in the Hugging Face layout:
-    the one shipped in tiny_tasks/base/models, or, if the recipe has changed since, one built from it once.
-    "instruct" goes on from "align": each stage up to the one asked for is found or built in turn."""
-    start = None
-    for stage in ["align", "instruct"][:1 + (flavour == "instruct")]:
-        folder = base_folder(stage, args)
-        with main_process_first():  # under torchrun one process builds it, the others wait and read it
-            if not (folder / "config.json").is_file():
-                print(f"the {stage} base in {SHIPPED_BASES} was made by another recipe: building one, kept in {folder}")
-                save_whole(*build_base(stage, start, args, device), folder, base_recipe(stage))
-        start = folder
-    return LlavaForConditionalGeneration.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+def save_whole(model, processor, folder, recipe=None):
+    """Saved beside, then renamed: a run killed while saving leaves no half-written model to load next time."""
+    partial = folder.with_name(folder.name + ".partial")
+    save_model(model, processor, partial)
+    if recipe:
+        write_json(partial / "recipe.json", recipe)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
 
 
-def build_base(flavour, start, args, device):
-    """LLaVA's stages in miniature: "align" is stage 1 (captions, every weight trains, since nothing here is
-    pre-trained); "instruct" goes on from the align base in folder `start` with joint multi-task instruction
-    tuning, the vision encoder frozen."""
-    if flavour == "align":
-        torch.manual_seed(TINY_BASE["seed"])
-        model, processor = tiny_model_and_processor(tiny_tokenizer(tiny_corpus()))
-    else:
-        model, processor = LlavaForConditionalGeneration.from_pretrained(start), AutoProcessor.from_pretrained(start)
-        freeze_vision_encoder(model)
-    model.to(device)
-    examples = [e for mix in BASE_MIXES[flavour] for e in load_split(TINY_MIXES, mix, "train")]
-    recipe = with_args(args, batch_size=TINY_BASE["batch_size"], lr=TINY_BASE["lr"], grad_accum=1)
-    run = Run(recipe, device, processor, random.Random(TINY_BASE["seed"]))
-    train(model, examples, TINY_BASE[f"{flavour}_steps"], run, desc=f"base: {flavour}")
-    return model, processor
+# ---------------------------------------------------------------- encodings kept for the run
+ENCODINGS = weakref.WeakKeyDictionary()  # processor -> {(image, history, question, answer): encode_example's result}
+
+
+ENCODED_BYTES = weakref.WeakKeyDictionary()  # processor -> bytes held for it
+
+
+ENCODING_BUDGET = 2 ** 30  # the tiny tasks take 25 MB; a real benchmark's pixels are re-made beyond 1 GiB
+
+
+def training_batch(processor, examples, device):
+    """A batch of training examples, each encoded once per run (kept_encoding) and padded to one length."""
+    return collate([kept_encoding(processor, e) for e in examples], processor.tokenizer.pad_token_id).to(device)
+
+
+def collate(encodings, pad_id):
+    """Examples into one batch, concatenated: token rows padded on the right (input_ids with the pad token, labels
+    with -100, so padding is never learned), pixels and the like with zeros where examples differ, as processors do.
+    An example without an image has no pixels: the others' are concatenated in order, as the processor would."""
+    batch = {}
+    for key in dict.fromkeys(key for e in encodings for key in e):
+        tensors = [e[key] for e in encodings if key in e]
+        sizes = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
+        fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
+        # F.pad takes (before, after) pairs from the last dimension backwards; the first is the one concatenated.
+        pads = [[p for size, have in zip(sizes[::-1], t.shape[:0:-1]) for p in (0, size - have)] for t in tensors]
+        batch[key] = torch.cat([F.pad(t, pad, value=fill) for t, pad in zip(tensors, pads)])
+    return BatchFeature(batch)
+
+
+def kept_encoding(processor, example):
+    """encode_example (or PaliGemma's), cut to --max-length, done once per example while the budget lasts: every
+    step reuses the tokens and pixels."""
+    cache = ENCODINGS.setdefault(processor, {})
+    key = (example["image"], tuple(example["history"]), example["question"], example["answer"])
+    if key in cache:
+        return cache[key]
+    encode = encode_with_suffix if takes_suffix(processor) else encode_example
+    encoding = cut_to_length(encode(processor, example), processor, example)
+    size = sum(tensor.numel() * tensor.element_size() for tensor in encoding.values())
+    if ENCODED_BYTES.get(processor, 0) + size <= ENCODING_BUDGET:
+        cache[key] = encoding
+        ENCODED_BYTES[processor] = ENCODED_BYTES.get(processor, 0) + size
+    return encoding
+
+
+def takes_suffix(processor):
+    """Whether the processor takes the answer apart from the prompt (PaliGemma's `suffix`)."""
+    return "suffix" in inspect.signature(processor.__call__).parameters
+
+
+def encode_with_suffix(processor, example):
+    """PaliGemma's training example as its card makes it: prompt and answer go in apart, and the processor masks
+    the prompt in the labels and marks it for prefix attention (token_type_ids)."""
+    images = open_images([example])
+    if images is None:
+        raise InputError(f"{type(processor).__name__} takes no text-only example, as {example['question'][:60]!r}")
+    return dict(processor(images=images, text=[prompt(processor, example)], suffix=[example["answer"]],
+                          return_tensors="pt"))
+
+
+def answer_spans(processor, example, tokens):
+    """Where each reply lies in the conversation's tokens, for any chat template: from the length of the conversation
+    up to the reply's start to the length up to its end. Each prefix goes through the processor with the image
+    too, so that <image> expands exactly as in the whole text."""
+    images, messages = open_images([example]), chat(example)
+
+    def length(prefix, **options):
+        return len(processor(images=images, text=[processor.apply_chat_template(prefix, **options)])["input_ids"][0])
+    for reply in range(1, len(messages), 2):
+        start = length(messages[:reply], add_generation_prompt=True)
+        end = length(messages[:reply + 1]) if reply + 1 < len(messages) else len(tokens)
+        while not processor.tokenizer.decode(tokens[end - 1]).strip():  # a template's newline after the turn's end
+            end -= 1
+        yield start, end
+
+
+CUT = weakref.WeakKeyDictionary()  # processor -> the training records cut to --max-length
+
+
+def cut_to_length(encoding, processor, example):
+    """An encoding cut to the tokenizer's model_max_length (--max-length), as LLaVA cuts its training records;
+    refused where the cut would split the image's tokens or leave no answer. The first cut of a run says so;
+    results.json counts them."""
+    limit, length = processor.tokenizer.model_max_length, encoding["input_ids"].shape[1]
+    if length <= limit:
+        return encoding
+    image_token = getattr(processor, "image_token_id", None)
+    if image_token is not None and (encoding["input_ids"][0, limit:] == image_token).any():
+        raise InputError(f"--max-length {limit} cuts into the image's tokens of a record with question "
+                         f"{example['question'][:60]!r}: raise it")
+    if "labels" in encoding and not (encoding["labels"][0, 1:limit] != -100).any():  # nothing left to learn
+        raise InputError(f"--max-length {limit} cuts off the whole answer of a record with question "
+                         f"{example['question'][:60]!r}: raise it")
+    if not CUT.get(processor):
+        tqdm.write(f"cit.py: a training record of {length} tokens is cut to --max-length {limit}, as are any "
+                   "others that long (results.json counts them in records_cut)")
+    CUT.setdefault(processor, set()).add((example["question"], example["answer"]))
+    return {key: tensor[:, :limit] if key != "pixel_values" and tensor.shape[:2] == (1, length) else tensor
+            for key, tensor in encoding.items()}
+
+
+# ---------------------------------------------------------------- the run around the loop: start, books, optimizer, end
+def support_hooks(args):
+    """The hooks part 2 adds to a method's: the books after each row of R, and each variant whose flag is given."""
+    hooks = {"after_row": keep_books}
+    for flag, (method, variant) in VARIANTS.items():
+        if getattr(args, flag) and args.method == method:
+            hooks |= variant
+    return hooks
+
+
+def eproj_start_from_most_similar(run, model, examples):
+    """--similarity-init: the new expert starts as a copy of the earlier task's whose keys are nearest to the new
+    task's, instead of the base's, to transfer what the two share."""
+    if run.stage == 0:
+        return eproj_before_task(run, model, examples)
+    new = eproj_keys(run, model, examples)
+    source = int((torch.stack(run.memory["keys"]) * new).sum((1, 2)).argmax())
+    run.report.setdefault("started_from", {})[run.stage] = source
+    load_snapshot(model, run.memory["experts"][source])
+
+
+def eproj_oracle_answer(run, model, examples, task):
+    """--oracle-task: a seen task's questions go to its own parameters, for comparison with routing by keys;
+    a task not yet seen has no parameters of its own, so its questions are still routed."""
+    if task > run.stage:
+        return eproj_answer(run, model, examples, task)
+    return answer_with_experts(run, model, examples, [task] * len(examples))
+
+
+VARIANTS = {  # flag: (the method it varies, the hooks it puts in place of the method's own)
+    "similarity_init": ("eproj", {"before_task": eproj_start_from_most_similar}),
+    "oracle_task": ("eproj", {"answer": eproj_oracle_answer}),
+}
+
+
+def begin_run(args, hooks, tasks):
+    """part 1's start_run, or with --resume the last checkpoint's run; then the held-in tasks, and what only the
+    loaded model can tell about the tasks, before any of them is scored."""
+    device = pick_device(args.device)
+    model, run = (resume_run if args.resume else start_run)(args, device, hooks)
+    if args.shard:
+        model = shard_model(model)
+    run.held_in = held_in_tasks(args)
+    check_for_model(model, run.processor, tasks, args)
+    return model, run
+
+
+def keep_books(run, model, tasks, answer):
+    """The after_row hook: the held-in tasks scored in every row, the base's included, and after each trained stage
+    a checkpoint to resume from."""
+    score_held_in(run, model, answer, first=len(tasks))
+    if run.matrix:
+        save_checkpoint(run, model, list(tasks))
+
+
+def score_held_in(run, model, answer, first):
+    """The base's own held-in tasks (--held-in: InstructBLIP's instruction-tuning sets, say), scored in every row as
+    the paper's code does: never trained, out of the continual metrics; forgetting: best row's score minus last."""
+    if not run.held_in:
+        return
+    held_in = run.report.setdefault("held_in", {"tasks": list(run.held_in), "matrix": []})
+    held_in["matrix"].append(evaluate_all(run, model, run.held_in, "  held-in tasks of the base", answer, first))
+    columns = list(zip(*held_in["matrix"]))
+    held_in["forgetting"] = sum(max(column) - column[-1] for column in columns) / len(columns)
+
+
+def adamw(weights, lr, device):
+    """The loop's optimizer: AdamW, fused (one kernel over all the weights instead of a Python loop over them: a few
+    ms of each tiny step), over float32 master copies of whatever trains in a lower precision."""
+    return MasterWeightAdamW(weights, lr=lr, fused=torch.device(device).type in ["cpu", "cuda"])
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW for weights kept in bfloat16 (or float16): it updates float32 copies of them, the master weights, with
+    float32 moments, then copies the result back, so that an update smaller than a bfloat16 weight's precision (about
+    1/256 of it) still adds up over steps (the bf16 recipe of LLaVA, CoIN and DeepSpeed). 4 + 4 + 8 bytes per trained
+    weight beside the weight itself: its float32 copy, that copy's gradient, the two moments. Float32 weights are
+    their own masters: then it is AdamW itself, step for step. (float16 gets no loss scaling here.)"""
+    def __init__(self, weights, **options):
+        weights = list(weights)
+        masters = [w if w.dtype == torch.float32 else w.detach().float() for w in weights]
+        super().__init__(masters, **options)
+        self.copies = [(w, m) for w, m in zip(weights, masters) if m is not w]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for weight, master in self.copies:  # one weight's gradient at a time moves to float32
+            master.grad = None if weight.grad is None else weight.grad.float()
+            weight.grad = None
+        super().step(closure)
+        for weight, master in self.copies:
+            weight.copy_(master)
+
+
+def finish_run(run, model, tasks, results):
+    """What results.json keeps beside a run's metrics (each task's metric, how many records --max-length cut, the
+    wall time, before an interruption too, and every flag); the final model in the Hugging Face layout (with LoRA
+    only the adapter, which names its base model) and what a method needs beside it to answer (eproj: every expert
+    and key); the checkpoints go; R and the metrics printed. Under torchrun the first process writes."""
+    args = run.args
+    results |= {"metrics": {name: task["metric"] for name, task in tasks.items()},
+                "records_cut": len(CUT.get(run.processor, ())), "wall_time_s": wall_time(run), "config": vars(args)}
+    weights = full_weights(model)  # under --shard, gathered by every process for the first
+    if RANK == 0:
+        with disk_full_in_one_line(args.out / "model"):
+            save_model(model, run.processor, args.out / "model", weights)
+            if run.memory.get("saved_with_model"):
+                torch.save({key: run.memory[key] for key in run.memory["saved_with_model"]},
+                           args.out / "model" / "method_state.pt")
+            write_json(args.out / "results.json", results)
+            draw_results(results, args.out / "results.png")
+        remove_checkpoints(args.out)  # <out>/model now holds the same weights
+    print_results(results, args.out)
+    return results
+
+
+def finished_run(args):
+    """--resume of a run that has finished: its results, as results.json keeps them; else None."""
+    if args.resume and (args.out / "results.json").is_file():
+        results = run_file(args.out / "results.json", ["config", "matrix"])
+        check_same_run(results["config"], args)
+        print(f"--resume: {args.method} had finished: {args.out / 'results.json'}")
+        return results
+    return None
+
+
+def save_model(model, processor, folder, weights=None):
+    """A model folder in the Hugging Face layout: what --model loads. `weights`: a sharded model's, whole."""
+    model.save_pretrained(folder, state_dict=weights)
+    processor.save_pretrained(folder)
+
+
+def write_json(path, data):
+    """Write through a temporary file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(temporary, path)
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+def save_checkpoint(run, model, task_names):
+    """After each task, what the run needs to go on: weights (safetensors), the method's memory and the
+    random generators (torch.save of tensors and plain values, read back with weights_only=True), the rows.
+
+    progress.json is renamed into place last and names the checkpoint: it only ever points at a complete one.
+    """
+    args, weights = run.args, full_weights(model)  # under --shard, gathered by every process for the first
+    if RANK > 0:  # under torchrun the first process keeps the books
+        return
+    folder = args.out / f"checkpoint-{len(run.matrix)}"
+    shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while saving
+    with disk_full_in_one_line(folder):
+        save_model(model, run.processor, folder / "model", weights)
+        torch.save({"memory": run.memory, "report": run.report, "rng": run.rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "trains": list(trainable(model))}, folder / "state.pt")
+        write_json(args.out / "progress.json", {"tasks": task_names, "matrix": run.matrix, "checkpoint": folder.name,
+                                                "wall_time_s": wall_time(run), "config": vars(args)})
+    remove_checkpoints(args.out, keep=folder)
+
+
+def wall_time(run):
+    """Seconds the run has taken so far; a resumed run's clock starts as far back as the time it had taken."""
+    return round(time.time() - run.started, 1)
+
+
+def remove_checkpoints(out, keep=None):
+    for old in out.glob("checkpoint-*"):
+        if old != keep:
+            shutil.rmtree(old)
+
+
+def resume_run(args, device, hooks):
+    """--resume, one step before the loop (nanoGPT's init_from='resume'): the model, the method's memory and the
+    random generators as the last checkpoint left them, and its rows; with no finished task, a fresh start."""
+    checkpoint, progress = find_checkpoint(args)
+    if checkpoint is None:
+        return start_run(args, device, hooks)
+    started, saved = time.time(), checkpoint / "model"
+    with unreadable_in_one_line(checkpoint):
+        saved_state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
+    if (saved / "adapter_config.json").is_file():  # LoRA (eproj's experts too): the adapter goes back onto the base
+        model, processor = load_model(args, device)
+        with unreadable_in_one_line(checkpoint):
+            model = PeftModel.from_pretrained(model, saved, autocast_adapter_dtype=False)  # as add_lora made it
+    else:  # full weights: the checkpoint is a model folder of its own
+        with unreadable_in_one_line(checkpoint):
+            model, processor = load_model(with_args(args, model=str(saved)), device)
+    for name, p in model.named_parameters():  # what trained before trains, whatever the method made train
+        p.requires_grad_(name in saved_state["trains"])
+    memory = saved_state["memory"]
+    report = saved_state.get("report", memory.pop("report", {}))  # checkpoints of 2026-12 and before kept it there
+    run = Run(args, device, processor, random.Random(), matrix=progress["matrix"], report=report, memory=memory,
+              started=started - progress.get("wall_time_s", 0))  # and some kept no time
+    run.rng.setstate(saved_state["rng"])
+    torch.set_rng_state(saved_state["torch_rng"].cpu())
+    return model, run
+
+
+@contextmanager
+def unreadable_in_one_line(checkpoint):
+    """A checkpoint's file that does not read back (cut short by a full disk, say) ends --resume in one line."""
+    try:
+        yield
+    except Exception as error:  # only reading the checkpoint's own files happens in here
+        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"--resume: {checkpoint} does not read back ({said}): start again with --overwrite") from None
+
+
+def find_checkpoint(args):
+    """The checkpoint that --resume continues from and progress.json's record of it, after checking that it is a run
+    of the same kind; (None, None) where no task has finished."""
+    progress = args.out / "progress.json"
+    saved = run_file(progress, PROGRESS_KEYS) if progress.is_file() else {}
+    if not (args.out / saved.get("checkpoint", "none") / "state.pt").is_file():
+        print(f"--resume: no finished task in {args.out}: starting from the first one")
+        return None, None
+    check_same_run({**saved["config"], "tasks": saved["tasks"]}, args)
+    print(f"--resume: continuing {args.out} after task {len(saved['matrix'])} of {len(args.tasks)}")
+    return args.out / saved["checkpoint"], saved
+
+
+PROGRESS_KEYS = ["checkpoint", "config", "tasks", "matrix"]  # what save_checkpoint writes, and wall_time_s
+
+
+def run_file(path, keys):
+    """A run's own results.json or progress.json, or one line saying it is damaged (cut short, emptied, edited)."""
+    try:
+        saved = read_json(path)
+    except InputError as error:
+        saved = error
+    if not isinstance(saved, dict) or not all(key in saved for key in keys):
+        why = saved if isinstance(saved, InputError) else "not what a run writes"
+        raise InputError(f"--resume: {path} is damaged ({why}): start the run again with --overwrite")
+    return saved
+
+
+# Flags that cannot change what a run trains or scores: a resumed run may give them otherwise.
+HARMLESS = {"device", "show", "debug", "profile", "resume", "overwrite", "cache", "rebuild_base", "seeds", "jobs",
+            "threads", "eval_batch_size", "gradient_checkpointing", "trust_remote_code", "out"}
+
+
+# The flags that name data: compared by what they name and hold (run_identity), not as typed, where a run keeps that.
+PATH_FLAGS = {"data", "held_in", "image_root", "references"}
+
+
+def portable(path):
+    """A path as a run keeps it: resolved, and relative to the checkout where it lies in it, so that the same folder
+    named otherwise is the same, and a checkout moved elsewhere still finds its own tiny tasks."""
+    resolved = Path(path).resolve()
+    return f"<checkout>/{resolved.relative_to(HERE).as_posix()}" if resolved.is_relative_to(HERE) else str(resolved)
+
+
+def run_identity(args):
+    """What a run reads: a fingerprint of each task's and held-in task's record files and of each references file
+    (their bytes; the pictures are named by those records), and where the pictures are looked up."""
+    def fingerprint(*files):
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + path.read_bytes())
+        return digest.hexdigest()[:16]
+    files = {f"task {name}": fingerprint(*sorted((Path(args.data) / name).glob("*.json*"))) for name in args.tasks}
+    files |= {f"held-in task {Path(f).name}": fingerprint(*sorted(Path(f).glob("*.json*"))) for f in args.held_in}
+    files |= {f"references of {task}": fingerprint(Path(f)) for task, f in args.references.items()}
+    return {"files": files, "image_root": args.image_root and portable(args.image_root)}
+
+
+def check_same_run(saved, args):
+    """--resume goes on only with the flags the run was started with, but for HARMLESS ones, and on the same data,
+    however its folders are named now; else one line naming the first flag that differs and both values."""
+    now = json.loads(json.dumps(vars(args), default=str))  # as results.json and progress.json keep them
+    ignored = HARMLESS | (PATH_FLAGS if "identity" in saved else {"identity"})  # runs before identities: as typed
+    different = [key for key in now if key not in ignored and saved.get(key) != now[key]]
+    flags = [key for key in different if key != "identity"]  # a flag first: other --tasks also read other files
+    if flags:
+        key = flags[0]
+        shown = [",".join(map(str, v)) if isinstance(v, list) else v for v in (saved.get(key), now[key])]
+        raise InputError(f"--resume: {args.out} holds a run with --{key.replace('_', '-')} {shown[0]}, not "
+                         f"{shown[1]}{f' (and {len(flags) - 1} more)' if len(flags) > 1 else ''}: give its "
+                         "flags, or --overwrite, or another --out")
+    if different:
+        was, new = saved["identity"], now["identity"]
+        changed = next((f"{item}'s files" for item in {**was["files"], **new["files"]}
+                        if was["files"].get(item) != new["files"].get(item)), "its pictures' --image-root")
+        raise InputError(f"--resume: {args.out} holds a run on other data ({changed} differ from those it was "
+                         "trained on): give its data, or --overwrite, or another --out")
 
 
 # ---------------------------------------------------------------- scorers of the real benchmarks
@@ -1740,7 +2157,7 @@ def metric_for(examples):
     """The metric a task's answers call for: boxes -> iou; a letter answer to listed options -> option; several
     answers per question -> vqa (short) or cider (captions); one caption -> bleu4; else exact."""
     references = [e["references"] for e in examples]
-    if all(box(r) for refs in references for r in refs):
+    if all(parsed_box(r) for refs in references for r in refs):
         return "iou"
     if all(re.fullmatch(r"[A-Z]", r) for refs in references for r in refs) and all(
             re.search(r"^\(?[A-Z][.)] ", e["question"], re.MULTILINE) for e in examples):
@@ -1764,6 +2181,8 @@ def vqa_accuracy(predictions, references):
 
 NUMBER_WORDS = dict(none="0", zero="0", one="1", two="2", three="3", four="4", five="5", six="6", seven="7",
                     eight="8", nine="9", ten="10")
+
+
 # EvalAI's contractions, without their apostrophes: "dont" and "don't" are one answer ("im", "ive" are not there).
 CONTRACTIONS = set("""aint arent cant couldnt couldntve couldve didnt doesnt dont hadnt hadntve hasnt havent hed hedve
 hes howd howll hows isnt itd itdve itll lets maam mightnt mightntve mightve mustnt mustve neednt notve oclock oughtnt
@@ -1810,7 +2229,7 @@ def contains(predictions, references):
                for p, refs in zip(predictions, references)) / len(references)
 
 
-def box(text):
+def parsed_box(text):
     """A box [x1, y1, x2, y2] read from text: its four numbers, or None where there are not exactly four."""
     numbers = re.findall(r"-?\d+(?:\.\d+)?", text)
     return [float(n) for n in numbers] if len(numbers) == 4 else None
@@ -1823,7 +2242,7 @@ def iou_accuracy(predictions, references):
         inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
         union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
         return inter / union if union > 0 else 0.0
-    return sum(bool(box(p)) and any(iou(box(p), box(r)) > 0.5 for r in refs)
+    return sum(bool(parsed_box(p)) and any(iou(parsed_box(p), parsed_box(r)) > 0.5 for r in refs)
                for p, refs in zip(predictions, references)) / len(references)
 
 
@@ -1895,431 +2314,177 @@ METRICS = {"exact": exact_match, "bleu4": bleu4, "vqa": vqa_accuracy, "option": 
            "contains": contains, "iou": iou_accuracy, "cider": cider}
 
 
-# ---------------------------------------------------------------- encodings kept for the run
-ENCODINGS = weakref.WeakKeyDictionary()  # processor -> {(image, history, question, answer): encode_example's result}
-ENCODED_BYTES = weakref.WeakKeyDictionary()  # processor -> bytes held for it
-ENCODING_BUDGET = 2 ** 30  # the tiny tasks take 25 MB; a real benchmark's pixels are re-made beyond 1 GiB
+# ---------------------------------------------------------------- several runs: methods side by side, seeds
+def several_runs(args, tasks):
+    """--seeds, --method all, --analyze pairs: part 1's run_method (or the pair analysis) once per seed and method,
+    --jobs of them at a time; then the methods side by side per seed (<out>[/seed<k>]/summary.*) and over seeds."""
+    seeds = [with_args(args, seed=seed, out=args.out / f"seed{seed}") for seed in args.seeds] if args.seeds else [args]
+    methods = list(METHODS) if args.method == "all" and not args.analyze else [None]
+    runs = [(method, one if method is None else with_args(one, method=method, out=one.out / method,
+                                                           train=one.train or default_training(one.model, method)))
+            for one in seeds for method in methods]
+    done = side_by_side(analyze_pairs if args.analyze else run_method, runs, tasks, args.jobs,
+                        threads_per_run(args))
+    per_seed = [done[k:k + len(methods)] for k in range(0, len(done), len(methods))]
+    if methods != [None]:
+        for one, results in zip(seeds, per_seed):
+            compare([results], one.out)
+    if not args.seeds:
+        return per_seed[0] if methods != [None] else per_seed[0][0]
+    if args.analyze:
+        return compare_pairs([results[0] for results in per_seed], args.out)
+    return compare(per_seed, args.out)
 
 
-def collate(encodings, pad_id):
-    """Examples into one batch, concatenated: token rows padded on the right (input_ids with the pad token, labels
-    with -100, so padding is never learned), pixels and the like with zeros where examples differ, as processors do.
-    An example without an image has no pixels: the others' are concatenated in order, as the processor would."""
-    batch = {}
-    for key in dict.fromkeys(key for e in encodings for key in e):
-        tensors = [e[key] for e in encodings if key in e]
-        sizes = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
-        fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
-        # F.pad takes (before, after) pairs from the last dimension backwards; the first is the one concatenated.
-        pads = [[p for size, have in zip(sizes[::-1], t.shape[:0:-1]) for p in (0, size - have)] for t in tensors]
-        batch[key] = torch.cat([F.pad(t, pad, value=fill) for t, pad in zip(tensors, pads)])
-    return BatchFeature(batch)
-
-
-def training_batch(processor, examples, device):
-    """A batch of training examples, each encoded once per run (kept_encoding) and padded to one length."""
-    return collate([kept_encoding(processor, e) for e in examples], processor.tokenizer.pad_token_id).to(device)
-
-
-def kept_encoding(processor, example):
-    """encode_example (or PaliGemma's), cut to --max-length, done once per example while the budget lasts: every
-    step reuses the tokens and pixels."""
-    cache = ENCODINGS.setdefault(processor, {})
-    key = (example["image"], tuple(example["history"]), example["question"], example["answer"])
-    if key in cache:
-        return cache[key]
-    encode = encode_with_suffix if takes_suffix(processor) else encode_example
-    encoding = cut_to_length(encode(processor, example), processor, example)
-    size = sum(tensor.numel() * tensor.element_size() for tensor in encoding.values())
-    if ENCODED_BYTES.get(processor, 0) + size <= ENCODING_BUDGET:
-        cache[key] = encoding
-        ENCODED_BYTES[processor] = ENCODED_BYTES.get(processor, 0) + size
-    return encoding
-
-
-CUT = weakref.WeakKeyDictionary()  # processor -> the training records cut to --max-length
-
-
-def cut_to_length(encoding, processor, example):
-    """An encoding cut to the tokenizer's model_max_length (--max-length), as LLaVA cuts its training records;
-    refused where the cut would split the image's tokens or leave no answer. The first cut of a run says so;
-    results.json counts them."""
-    limit, length = processor.tokenizer.model_max_length, encoding["input_ids"].shape[1]
-    if length <= limit:
-        return encoding
-    image_token = getattr(processor, "image_token_id", None)
-    if image_token is not None and (encoding["input_ids"][0, limit:] == image_token).any():
-        raise InputError(f"--max-length {limit} cuts into the image's tokens of a record with question "
-                         f"{example['question'][:60]!r}: raise it")
-    if "labels" in encoding and not (encoding["labels"][0, 1:limit] != -100).any():  # nothing left to learn
-        raise InputError(f"--max-length {limit} cuts off the whole answer of a record with question "
-                         f"{example['question'][:60]!r}: raise it")
-    if not CUT.get(processor):
-        tqdm.write(f"cit.py: a training record of {length} tokens is cut to --max-length {limit}, as are any "
-                   "others that long (results.json counts them in records_cut)")
-    CUT.setdefault(processor, set()).add((example["question"], example["answer"]))
-    return {key: tensor[:, :limit] if key != "pixel_values" and tensor.shape[:2] == (1, length) else tensor
-            for key, tensor in encoding.items()}
-
-
-# ---------------------------------------------------------------- files: the bases' cache, results, checkpoints
-def files_digest(folder):
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def base_recipe(flavour):
-    """Everything that shapes a tiny base (the model's shape, the tokenizer's text, the stages and their data),
-    and a key of it: a base is only used by a recipe whose key it carries."""
-    stages = ["align"] if flavour == "align" else ["align", "instruct"]
-    recipe = {"vision": TINY_VISION, "text": TINY_TEXT, "vocab_size": TINY_VOCAB_SIZE, "stages": TINY_BASE,
-              "mixes": {stage: BASE_MIXES[stage] for stage in stages}, "chat_template": TINY_CHAT_TEMPLATE,
-              "tokenizer_text": hashlib.sha256("\n".join(tiny_corpus()).encode()).hexdigest(),
-              "data": {mix: files_digest(TINY_MIXES / mix) for mix in BASE_MIXES[flavour]}}
-    return {"key": hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12], "recipe": recipe}
-
-
-def base_folder(flavour, args):
-    """The shipped base if this recipe made it; otherwise one built from the recipe, kept in --cache by its key."""
-    key = base_recipe(flavour)["key"]
-    shipped = SHIPPED_BASES / flavour
-    made_by = json.loads((shipped / "recipe.json").read_text())["key"] if (shipped / "recipe.json").is_file() else None
-    return shipped if made_by == key else Path(args.cache) / f"base-{flavour}-{key}"
-
-
-def rebuild_bases(args):
-    """--rebuild-base: both tiny bases again from the recipe, into tiny_tasks/base/models, which ships them.
-
-    A maintainer's step after changing the recipe; a test fails until the shipped bases match it again."""
-    device = pick_device(args.device)
-    for flavour, start in [("align", None), ("instruct", SHIPPED_BASES / "align")]:
-        save_whole(*build_base(flavour, start, args, device), SHIPPED_BASES / flavour, base_recipe(flavour))
-
-
-def save_whole(model, processor, folder, recipe=None):
-    """Saved beside, then renamed: a run killed while saving leaves no half-written model to load next time."""
-    partial = folder.with_name(folder.name + ".partial")
-    save_model(model, processor, partial)
-    if recipe:
-        write_json(partial / "recipe.json", recipe)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
-
-
-def write_json(path, data):
-    """Write through a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(temporary, path)
-
-
-def begin_run(args, hooks, tasks):
-    """part 1's start_run, or with --resume the last checkpoint's run; then the held-in tasks, and what only the
-    loaded model can tell about the tasks, before any of them is scored."""
-    device = pick_device(args.device)
-    model, run = (resume_run if args.resume else start_run)(args, device, hooks)
-    run.held_in = held_in_tasks(args)
-    check_for_model(model, run.processor, tasks, args)
-    return model, run
-
-
-def keep_books(run, model, tasks, answer):
-    """The after_row hook: the held-in tasks scored in every row, the base's included, and after each trained stage
-    a checkpoint to resume from."""
-    score_held_in(run, model, answer, first=len(tasks))
-    if run.matrix:
-        save_checkpoint(run, model, list(tasks))
-
-
-def score_held_in(run, model, answer, first):
-    """The base's own held-in tasks (--held-in: InstructBLIP's instruction-tuning sets, say), scored in every row as
-    the paper's code does: never trained, out of the continual metrics; forgetting: best row's score minus last."""
-    if not run.held_in:
-        return
-    held_in = run.report.setdefault("held_in", {"tasks": list(run.held_in), "matrix": []})
-    held_in["matrix"].append(evaluate_all(run, model, run.held_in, "  held-in tasks of the base", answer, first))
-    columns = list(zip(*held_in["matrix"]))
-    held_in["forgetting"] = sum(max(column) - column[-1] for column in columns) / len(columns)
-
-
-def finish_run(run, model, tasks, results):
-    """What results.json keeps beside a run's metrics (each task's metric, how many records --max-length cut, the
-    wall time, before an interruption too, and every flag); the final model in the Hugging Face layout (with LoRA
-    only the adapter, which names its base model) and what a method needs beside it to answer (eproj: every expert
-    and key); the checkpoints go; R and the metrics printed. Under torchrun the first process writes."""
-    args = run.args
-    results |= {"metrics": {name: task["metric"] for name, task in tasks.items()},
-                "records_cut": len(CUT.get(run.processor, ())), "wall_time_s": wall_time(run), "config": vars(args)}
-    if RANK == 0:
-        with disk_full_in_one_line(args.out / "model"):
-            save_model(model, run.processor, args.out / "model")
-            if run.memory.get("saved_with_model"):
-                torch.save({key: run.memory[key] for key in run.memory["saved_with_model"]},
-                           args.out / "model" / "method_state.pt")
-            write_json(args.out / "results.json", results)
-            draw_results(results, args.out / "results.png")
-        remove_checkpoints(args.out)  # <out>/model now holds the same weights
-    print_results(results, args.out)
-    return results
-
-
-def save_model(model, processor, folder):
-    """A model folder in the Hugging Face layout: what --model loads."""
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
-def finished_run(args):
-    """--resume of a run that has finished: its results, as results.json keeps them; else None."""
-    if args.resume and (args.out / "results.json").is_file():
-        results = run_file(args.out / "results.json", ["config", "matrix"])
-        check_same_run(results["config"], args)
-        print(f"--resume: {args.method} had finished: {args.out / 'results.json'}")
-        return results
-    return None
-
-
-def run_file(path, keys):
-    """A run's own results.json or progress.json, or one line saying it is damaged (cut short, emptied, edited)."""
+def side_by_side(function, runs, tasks, jobs, threads):
+    """function(args, tasks) for each run: one after another, or --jobs of them at a time, each in a process of its
+    own with `threads` threads, printing into <out>/log.txt; a line says when each has finished."""
+    jobs = min(jobs, len(runs))  # a worker without a run would only hold memory
+    if jobs == 1:
+        done = []
+        for method, one in runs:
+            if method:
+                print(f"\n======== {method} ========")
+            done.append(function(one, tasks))
+        return done
+    print(f"--jobs {jobs}: {len(runs)} runs, {jobs} at a time with {threads} thread(s) each; each prints into "
+          "<its out>/log.txt")
+    # spawn, not fork: a process forked from one whose torch has started its threads can hang
+    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), torch.set_num_threads, (threads,))
+    pending = [pool.submit(logged, function, one, tasks) for _, one in runs]
+    done = []
     try:
-        saved = read_json(path)
-    except InputError as error:
-        saved = error
-    if not isinstance(saved, dict) or not all(key in saved for key in keys):
-        why = saved if isinstance(saved, InputError) else "not what a run writes"
-        raise InputError(f"--resume: {path} is damaged ({why}): start the run again with --overwrite")
-    return saved
-
-
-# Flags that cannot change what a run trains or scores: a resumed run may give them otherwise.
-HARMLESS = {"device", "show", "debug", "profile", "resume", "overwrite", "cache", "rebuild_base", "seeds", "jobs",
-            "threads", "eval_batch_size", "gradient_checkpointing", "trust_remote_code", "out"}
-
-
-# The flags that name data: compared by what they name and hold (run_identity), not as typed, where a run keeps that.
-PATH_FLAGS = {"data", "held_in", "image_root", "references"}
-
-
-def portable(path):
-    """A path as a run keeps it: resolved, and relative to the checkout where it lies in it, so that the same folder
-    named otherwise is the same, and a checkout moved elsewhere still finds its own tiny tasks."""
-    resolved = Path(path).resolve()
-    return f"<checkout>/{resolved.relative_to(HERE).as_posix()}" if resolved.is_relative_to(HERE) else str(resolved)
-
-
-def run_identity(args):
-    """What a run reads: a fingerprint of each task's and held-in task's record files and of each references file
-    (their bytes; the pictures are named by those records), and where the pictures are looked up."""
-    def fingerprint(*files):
-        digest = hashlib.sha256()
-        for path in files:
-            digest.update(path.name.encode() + path.read_bytes())
-        return digest.hexdigest()[:16]
-    files = {f"task {name}": fingerprint(*sorted((Path(args.data) / name).glob("*.json*"))) for name in args.tasks}
-    files |= {f"held-in task {Path(f).name}": fingerprint(*sorted(Path(f).glob("*.json*"))) for f in args.held_in}
-    files |= {f"references of {task}": fingerprint(Path(f)) for task, f in args.references.items()}
-    return {"files": files, "image_root": args.image_root and portable(args.image_root)}
-
-
-def check_same_run(saved, args):
-    """--resume goes on only with the flags the run was started with, but for HARMLESS ones, and on the same data,
-    however its folders are named now; else one line naming the first flag that differs and both values."""
-    now = json.loads(json.dumps(vars(args), default=str))  # as results.json and progress.json keep them
-    ignored = HARMLESS | (PATH_FLAGS if "identity" in saved else {"identity"})  # runs before identities: as typed
-    different = [key for key in now if key not in ignored and saved.get(key) != now[key]]
-    flags = [key for key in different if key != "identity"]  # a flag first: other --tasks also read other files
-    if flags:
-        key = flags[0]
-        shown = [",".join(map(str, v)) if isinstance(v, list) else v for v in (saved.get(key), now[key])]
-        raise InputError(f"--resume: {args.out} holds a run with --{key.replace('_', '-')} {shown[0]}, not "
-                         f"{shown[1]}{f' (and {len(flags) - 1} more)' if len(flags) > 1 else ''}: give its "
-                         "flags, or --overwrite, or another --out")
-    if different:
-        was, new = saved["identity"], now["identity"]
-        changed = next((f"{item}'s files" for item in {**was["files"], **new["files"]}
-                        if was["files"].get(item) != new["files"].get(item)), "its pictures' --image-root")
-        raise InputError(f"--resume: {args.out} holds a run on other data ({changed} differ from those it was "
-                         "trained on): give its data, or --overwrite, or another --out")
-
-
-def wall_time(run):
-    """Seconds the run has taken so far; a resumed run's clock starts as far back as the time it had taken."""
-    return round(time.time() - run.started, 1)
-
-
-def save_checkpoint(run, model, task_names):
-    """After each task, what the run needs to go on: weights (safetensors), the method's memory and the
-    random generators (torch.save of tensors and plain values, read back with weights_only=True), the rows.
-
-    progress.json is renamed into place last and names the checkpoint: it only ever points at a complete one.
-    """
-    args = run.args
-    if RANK > 0:  # under torchrun the first process keeps the books
-        return
-    folder = args.out / f"checkpoint-{len(run.matrix)}"
-    shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while saving
-    with disk_full_in_one_line(folder):
-        save_model(model, run.processor, folder / "model")
-        torch.save({"memory": run.memory, "report": run.report, "rng": run.rng.getstate(),
-                    "torch_rng": torch.get_rng_state(), "trains": list(trainable(model))}, folder / "state.pt")
-        write_json(args.out / "progress.json", {"tasks": task_names, "matrix": run.matrix, "checkpoint": folder.name,
-                                                "wall_time_s": wall_time(run), "config": vars(args)})
-    remove_checkpoints(args.out, keep=folder)
-
-
-def remove_checkpoints(out, keep=None):
-    for old in out.glob("checkpoint-*"):
-        if old != keep:
-            shutil.rmtree(old)
-
-
-def resume_run(args, device, hooks):
-    """--resume, one step before the loop (nanoGPT's init_from='resume'): the model, the method's memory and the
-    random generators as the last checkpoint left them, and its rows; with no finished task, a fresh start."""
-    checkpoint, progress = find_checkpoint(args)
-    if checkpoint is None:
-        return start_run(args, device, hooks)
-    started, saved = time.time(), checkpoint / "model"
-    with damaged(checkpoint):
-        saved_state = torch.load(checkpoint / "state.pt", map_location=device, weights_only=True)
-    if (saved / "adapter_config.json").is_file():  # LoRA (eproj's experts too): the adapter goes back onto the base
-        model, processor = load_model(args, device)
-        with damaged(checkpoint):
-            model = PeftModel.from_pretrained(model, saved, autocast_adapter_dtype=False)  # as add_lora made it
-    else:  # full weights: the checkpoint is a model folder of its own
-        with damaged(checkpoint):
-            model, processor = load_model(with_args(args, model=str(saved)), device)
-    for name, p in model.named_parameters():  # what trained before trains, whatever the method made train
-        p.requires_grad_(name in saved_state["trains"])
-    memory = saved_state["memory"]
-    report = saved_state.get("report", memory.pop("report", {}))  # checkpoints of 2026-12 and before kept it there
-    run = Run(args, device, processor, random.Random(), matrix=progress["matrix"], report=report, memory=memory,
-              started=started - progress.get("wall_time_s", 0))  # and some kept no time
-    run.rng.setstate(saved_state["rng"])
-    torch.set_rng_state(saved_state["torch_rng"].cpu())
-    return model, run
+        with workers_end_with_the_command():
+            for (_, one), job in zip(runs, pending):
+                done.append(job.result())
+                average = done[-1].get("average") if isinstance(done[-1], dict) else None
+                shown = "" if average is None else f"  average {average:.3f}"
+                print(f"  {len(done)}/{len(runs)} done: {one.out}{shown}")
+    except BrokenProcessPool:  # a worker was killed (by the kernel for want of memory, say): the others end too
+        unfinished = ", ".join(str(one.out) for (_, one), job in zip(runs, pending)
+                               if not job.done() or job.exception())
+        raise InputError(f"a process of --jobs died (killed from outside, or for want of memory) while running "
+                         f"{unfinished}: the finished runs and tasks are kept, and every run goes on with "
+                         "--resume") from None
+    except BaseException:  # Ctrl-C, SIGTERM, SIGHUP, an error: the workers are ended, not waited for
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in list(pool._processes.values()):  # (Python 3.14 has pool.terminate_workers() for this)
+            worker.terminate()
+            worker.join()
+        raise
+    pool.shutdown()  # the workers end of themselves: terminated, they would leave a semaphore behind
+    return done
 
 
 @contextmanager
-def damaged(checkpoint):
-    """A checkpoint's file that does not read back (cut short by a full disk, say) ends --resume in one line."""
-    try:
-        yield
-    except Exception as error:  # only reading the checkpoint's own files happens in here
-        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"--resume: {checkpoint} does not read back ({said}): start again with --overwrite") from None
-
-
-def find_checkpoint(args):
-    """The checkpoint that --resume continues from and progress.json's record of it, after checking that it is a run
-    of the same kind; (None, None) where no task has finished."""
-    progress = args.out / "progress.json"
-    saved = run_file(progress, PROGRESS_KEYS) if progress.is_file() else {}
-    if not (args.out / saved.get("checkpoint", "none") / "state.pt").is_file():
-        print(f"--resume: no finished task in {args.out}: starting from the first one")
-        return None, None
-    check_same_run({**saved["config"], "tasks": saved["tasks"]}, args)
-    print(f"--resume: continuing {args.out} after task {len(saved['matrix'])} of {len(args.tasks)}")
-    return args.out / saved["checkpoint"], saved
-
-
-PROGRESS_KEYS = ["checkpoint", "config", "tasks", "matrix"]  # what save_checkpoint writes, and wall_time_s
-
-
-# ---------------------------------------------------------------- --profile: where the time goes
-PROFILED = ["load_model", "train", "training_batch", "evaluate_all", "save_checkpoint"]
-
-
-@contextmanager
-def profiled(args):
-    """--profile: the command's time split into its parts, and training's model FLOPs per second (counted by
-    torch's FlopCounterMode on a batch of each task) as a share of this machine's fp32 matmul rate: nanoGPT's MFU."""
-    if not args.profile:
-        yield
-        return
-    module, spent, work = sys.modules[__name__], Counter(), Counter()
-
-    def timed(name, function):
-        def wrapper(*positional, **keywords):
-            if name == "train":  # one step's FLOPs, before the steps: gradients are cleared after, nothing else moves
-                call = inspect.signature(function).bind(*positional, **keywords).arguments
-                count_flops(call["model"], call["examples"], call["steps"], call["run"], work,
-                            originals["training_batch"])
-            started = time.perf_counter()
-            try:
-                return function(*positional, **keywords)
-            finally:
-                spent[name] += time.perf_counter() - started
-        return wrapper
-    originals = {name: getattr(module, name) for name in PROFILED}
-    for name, function in originals.items():
-        setattr(module, name, timed(name, function))
-    started = time.perf_counter()
+def workers_end_with_the_command():
+    """SIGTERM and SIGHUP (kill, a closed terminal) end the command as Ctrl-C does: its workers are ended and
+    waited for before --out's lock is let go, so that no run goes on writing into a folder nobody holds."""
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+    before = {number: signal.signal(number, interrupt) for number in [signal.SIGTERM, signal.SIGHUP]}
     try:
         yield
     finally:
-        for name, function in originals.items():
-            setattr(module, name, function)
-        print_profile(time.perf_counter() - started, spent, work, args)
+        for number, handler in before.items():
+            signal.signal(number, handler)
 
 
-def count_flops(model, examples, steps, run, work, make_batch):
-    """The FLOPs of one training step (forward and backward) on a batch of this task, times the task's steps.
-    Counted in training mode, as the steps run: in evaluation mode transformers skips gradient checkpointing, and
-    this step alone would keep every activation (on an H200 it was the LoRA run's peak: 36 GB of a 7B, not 15)."""
-    args = run.args
-    sample = random.Random(0).sample(examples, min(args.batch_size, len(examples)))
-    batch = make_batch(run.processor, sample, run.device)
-    was_training = model.training
-    model.train()
-    with FlopCounterMode(display=False) as counter:
-        logits, targets = answer_logits(model, batch)
-        F.cross_entropy(logits.float(), targets).backward()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    work["flops"] += counter.get_total_flops() * steps * args.grad_accum
-    work["steps"] += steps
+def logged(function, args, tasks):
+    """One run of side_by_side, in its own process, its output in <out>/log.txt."""
+    disable_progress_bar()
+    args.out.mkdir(parents=True, exist_ok=True)
+    # appended: a resumed run's log keeps what came before the interruption
+    with open(args.out / "log.txt", "a" if args.resume else "w") as log, redirect_stdout(log), redirect_stderr(log):
+        return function(args, tasks)
 
 
-def print_profile(total, spent, work, args):
-    compute = spent["train"] - spent["training_batch"]
-    parts = {"loading the model": spent["load_model"], "building batches": spent["training_batch"],
-             "training steps (forward, backward, optimizer)": compute, "evaluation": spent["evaluate_all"],
-             "checkpoints": spent["save_checkpoint"]}
-    parts["the rest (start-up, saving results, analyses)"] = total - sum(parts.values())
-    print(f"\n--profile: {total:.1f} s after start-up")
-    for part, seconds in parts.items():
-        print(f"  {part:<48} {seconds:7.1f} s  {100 * seconds / total:4.0f}%")
-    if work["steps"]:
-        device = pick_device(args.device)
-        dtype = pick_dtype(args, device)
-        rate, achieved = matmul_rate(device, dtype), work["flops"] / compute
-        recomputed = " (the forward recomputed by --gradient-checkpointing counted too)" * args.gradient_checkpointing
-        print(f"  training: {work['steps']} steps, {1000 * compute / work['steps']:.1f} ms and "
-              f"{work['flops'] / work['steps'] / 1e9:.2f} GFLOP each{recomputed}: {achieved / 1e9:.1f} GFLOP/s, "
-              f"{100 * achieved / rate:.0f}% of this {device.type}'s {str(dtype).removeprefix('torch.')} matmul "
-              f"rate ({rate / 1e9:.0f} GFLOP/s)")
+def compare(runs, out):
+    """The methods side by side, over seeds: each metric's mean and standard deviation (summary.json; summary.md,
+    also printed) and each method's mean accuracy matrix (summary.png). `runs` holds one list of results per seed."""
+    summary = {"seeds": [results[0]["config"]["seed"] for results in runs], "methods": {}}
+    for results in zip(*runs):  # one method, every seed
+        summary["methods"][results[0]["method"]] = {
+            "tasks": results[0]["tasks"], "rows": results[0]["rows"],
+            "zero_shot": mean_matrix([[r["zero_shot"]] for r in results])[0],
+            "matrix": mean_matrix([r["matrix"] for r in results]),
+            **{key: mean_and_sd([r.get(key) for r in results])
+               for key in ["average", "forgetting", "bwt", "fwt", "wall_time_s"]},
+            "diagonal": mean_and_sd([diagonal_mean(r) for r in results]),
+            "held_in_forgetting": mean_and_sd([r.get("held_in", {}).get("forgetting") for r in results])}
+        if "held_in" in results[0]:  # below the base's row, as the main matrix's rows
+            summary["methods"][results[0]["method"]]["held_in"] = {
+                "tasks": results[0]["held_in"]["tasks"],
+                "base": mean_matrix([r["held_in"]["matrix"][:1] for r in results])[0],
+                "matrix": mean_matrix([r["held_in"]["matrix"][1:] for r in results])}
+    if RANK > 0:  # under torchrun the first process writes
+        return summary
+    lines = ["| method | average | forgetting | bwt | fwt | mean of the diagonal | held-in forgetting | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    forms = {"average": ".3f", "forgetting": ".3f", "bwt": "+.3f", "fwt": "+.3f", "diagonal": ".3f",
+             "held_in_forgetting": ".3f", "wall_time_s": ".0f"}
+    lines += [f"| {method} | " + " | ".join(plus_minus(m[key], form) for key, form in forms.items()) + " |"
+              for method, m in summary["methods"].items()]
+    seeds = f"mean ± sd over seeds {', '.join(map(str, summary['seeds']))}" if len(runs) > 1 else ""
+    write_summary(out, summary, "\n".join(lines) + (f"\n\n({seeds})" if seeds else "")
+                  + shorter_than_the_tables(runs[0][0]["config"]))
+    means = [{"method": method, "average": m["average"]["mean"], "forgetting": m["forgetting"]["mean"],
+              **{key: m[key] for key in ["tasks", "rows", "zero_shot", "matrix", "held_in"] if key in m}}
+             for method, m in summary["methods"].items()]
+    held_in = "   *: the base's held-in tasks, never trained" if any("held_in" in m for m in means) else ""
+    draw_matrices([m | with_held_in(m) for m in means], out / "summary.png", seeds + held_in)
+    return summary
 
 
-def matmul_rate(device, dtype=torch.float32, size=2048, seconds=1.0):
-    """FLOPs per second of a large matrix product in the run's dtype on this device: the yardstick for training's
-    throughput (a GPU multiplies bfloat16 many times faster than float32)."""
-    gpu = device.type == "cuda"
-    size, each = (8192, 10) if gpu else (size, 1)  # a GPU's rate needs products large and many between syncs
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    a @ b  # warm-up
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        for _ in range(each):
-            a @ b
-        count += each
-        if gpu:
-            torch.cuda.synchronize()
-    return 2 * size ** 3 * count / (time.perf_counter() - started)
+def write_summary(out, summary, table):
+    """summary.json, and its table printed and written to summary.md."""
+    write_json(out / "summary.json", summary)
+    print(f"\n{table}")
+    (out / "summary.md").write_text(table + "\n")
+
+
+def mean_and_sd(values):
+    """The mean and sample standard deviation of numbers (None where undefined: no values, or only one)."""
+    values = [v for v in values if v is not None]
+    return {"mean": statistics.fmean(values) if values else None,
+            "sd": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+
+
+def plus_minus(entry, form=".3f"):
+    """A spread as 'mean ± sd', or the mean alone for one seed, or '-' where there is nothing to show."""
+    if entry["mean"] is None:
+        return "-"
+    return f"{entry['mean']:{form}}" + ("" if entry["sd"] is None else f" ± {entry['sd']:{form.lstrip('+')}}")
+
+
+def shorter_than_the_tables(config):
+    """A note for a comparison of the tiny world run shorter than the README's tables (fewer steps, tasks or
+    examples, one seed): such a run ranks the methods by fewer and noisier scores, and may rank them otherwise."""
+    if config["model"] != "tiny" or Path(config["data"]).resolve() != HERE / "tiny_tasks":
+        return ""
+    defaults = argument_parser()
+    shorter = [f"--{flag.replace('_', '-')} {config[flag]}" for flag in ["steps", "max_train", "max_test"]
+               if config[flag] is not None and config[flag] < (defaults.get_default(flag) or math.inf)]
+    if len(config["tasks"]) < len(TASK_ORDER):
+        shorter.append(f"{len(config['tasks'])} of the {len(TASK_ORDER)} tasks")
+    if not shorter:
+        return ""
+    return (f"\n\nNote: this comparison is shorter than the README's tables ({', '.join(shorter)}): its ranking of "
+            "the methods may differ from theirs, and one seed's differences can be noise (--seeds 0,1,2 shows the "
+            "spread).")
+
+
+def mean_matrix(matrices):
+    """Cell by cell mean of matrices of the same shape; an empty cell (None) stays empty."""
+    return [[None if cells[0] is None else statistics.fmean(cells) for cells in zip(*rows)] for rows in zip(*matrices)]
+
+
+def diagonal_mean(result):
+    """How well each task was learned when it was trained: the mean of R[i][i] over the rows that trained a task
+    (None for joint, whose one row trained them all at once)."""
+    scores = [row[result["tasks"].index(name)] for name, row in zip(result["rows"], result["matrix"])
+              if name in result["tasks"]]
+    return sum(scores) / len(scores) if scores else None
 
 
 # ---------------------------------------------------------------- tables and pictures
@@ -2365,45 +2530,9 @@ def with_held_in(results):
             "zero_shot": results["zero_shot"] + held["base"]}
 
 
-def compare(runs, out):
-    """The methods side by side, over seeds: each metric's mean and standard deviation (summary.json; summary.md,
-    also printed) and each method's mean accuracy matrix (summary.png). `runs` holds one list of results per seed."""
-    summary = {"seeds": [results[0]["config"]["seed"] for results in runs], "methods": {}}
-    for results in zip(*runs):  # one method, every seed
-        summary["methods"][results[0]["method"]] = {
-            "tasks": results[0]["tasks"], "rows": results[0]["rows"],
-            "zero_shot": mean_matrix([[r["zero_shot"]] for r in results])[0],
-            "matrix": mean_matrix([r["matrix"] for r in results]),
-            **{key: spread([r.get(key) for r in results])
-               for key in ["average", "forgetting", "bwt", "fwt", "wall_time_s"]},
-            "diagonal": spread([diagonal_mean(r) for r in results]),
-            "held_in_forgetting": spread([r.get("held_in", {}).get("forgetting") for r in results])}
-        if "held_in" in results[0]:  # below the base's row, as the main matrix's rows
-            summary["methods"][results[0]["method"]]["held_in"] = {
-                "tasks": results[0]["held_in"]["tasks"],
-                "base": mean_matrix([r["held_in"]["matrix"][:1] for r in results])[0],
-                "matrix": mean_matrix([r["held_in"]["matrix"][1:] for r in results])}
-    if RANK > 0:  # under torchrun the first process writes
-        return summary
-    write_json(out / "summary.json", summary)
-    lines = ["| method | average | forgetting | bwt | fwt | mean of the diagonal | held-in forgetting | wall time (s) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {method} | {show(m['average'])} | {show(m['forgetting'])} | {show(m['bwt'], '+.3f')} "
-              f"| {show(m['fwt'], '+.3f')} | {show(m['diagonal'])} | {show(m['held_in_forgetting'])} "
-              f"| {show(m['wall_time_s'], '.0f')} |" for method, m in summary["methods"].items()]
-    seeds = f"mean ± sd over seeds {', '.join(map(str, summary['seeds']))}" if len(runs) > 1 else ""
-    table = "\n".join(lines) + (f"\n\n({seeds})" if seeds else "") + shorter_than_the_tables(runs[0][0]["config"])
-    print(f"\n{table}")
-    (out / "summary.md").write_text(table + "\n")
-    means = [{"method": method, "average": m["average"]["mean"], "forgetting": m["forgetting"]["mean"],
-              **{key: m[key] for key in ["tasks", "rows", "zero_shot", "matrix", "held_in"] if key in m}}
-             for method, m in summary["methods"].items()]
-    held_in = "   *: the base's held-in tasks, never trained" if any("held_in" in m for m in means) else ""
-    draw_matrices([m | with_held_in(m) for m in means], out / "summary.png", seeds + held_in)
-    return summary
-
-
 TEXT = 14  # pixels: every picture's text, readable at 100%
+
+
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]  # one a task, in the lines of results.png
 
@@ -2562,164 +2691,6 @@ def draw_matrices(all_results, path, note=""):
     picture.save(path)
 
 
-# ---------------------------------------------------------------- several runs: methods side by side, seeds
-def other_commands(args):
-    """What the command does other than one run: --plan, from the model's config alone; or several runs."""
-    if args.plan:
-        return plan(args)
-    return several_runs(args, check_inputs(args))
-
-
-def several_runs(args, tasks):
-    """--seeds, --method all, --analyze pairs: part 1's run_method (or the pair analysis) once per seed and method,
-    --jobs of them at a time; then the methods side by side per seed (<out>[/seed<k>]/summary.*) and over seeds."""
-    seeds = [with_args(args, seed=seed, out=args.out / f"seed{seed}") for seed in args.seeds] if args.seeds else [args]
-    methods = list(METHODS) if args.method == "all" and not args.analyze else [None]
-    runs = [(method, one if method is None else with_args(one, method=method, out=one.out / method,
-                                                           train=one.train or default_training(one.model, method)))
-            for one in seeds for method in methods]
-    done = side_by_side(analyze_pairs if args.analyze else run_method, runs, tasks, args.jobs,
-                        threads_per_run(args))
-    per_seed = [done[k:k + len(methods)] for k in range(0, len(done), len(methods))]
-    if methods != [None]:
-        for one, results in zip(seeds, per_seed):
-            compare([results], one.out)
-    if not args.seeds:
-        return per_seed[0] if methods != [None] else per_seed[0][0]
-    if args.analyze:
-        return compare_pairs([results[0] for results in per_seed], args.out)
-    return compare(per_seed, args.out)
-
-
-def side_by_side(function, runs, tasks, jobs, threads):
-    """function(args, tasks) for each run: one after another, or --jobs of them at a time, each in a process of its
-    own with `threads` threads, printing into <out>/log.txt; a line says when each has finished."""
-    jobs = min(jobs, len(runs))  # a worker without a run would only hold memory
-    if jobs == 1:
-        done = []
-        for method, one in runs:
-            if method:
-                print(f"\n======== {method} ========")
-            done.append(function(one, tasks))
-        return done
-    print(f"--jobs {jobs}: {len(runs)} runs, {jobs} at a time with {threads} thread(s) each; each prints into "
-          "<its out>/log.txt")
-    # spawn, not fork: a process forked from one whose torch has started its threads can hang
-    pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), torch.set_num_threads, (threads,))
-    pending = [pool.submit(logged, function, one, tasks) for _, one in runs]
-    done = []
-    try:
-        with workers_end_with_the_command():
-            for (_, one), job in zip(runs, pending):
-                done.append(job.result())
-                average = done[-1].get("average") if isinstance(done[-1], dict) else None
-                shown = "" if average is None else f"  average {average:.3f}"
-                print(f"  {len(done)}/{len(runs)} done: {one.out}{shown}")
-    except BrokenProcessPool:  # a worker was killed (by the kernel for want of memory, say): the others end too
-        unfinished = ", ".join(str(one.out) for (_, one), job in zip(runs, pending)
-                               if not job.done() or job.exception())
-        raise InputError(f"a process of --jobs died (killed from outside, or for want of memory) while running "
-                         f"{unfinished}: the finished runs and tasks are kept, and every run goes on with "
-                         "--resume") from None
-    except BaseException:  # Ctrl-C, SIGTERM, SIGHUP, an error: the workers are ended, not waited for
-        pool.shutdown(wait=False, cancel_futures=True)
-        for worker in list(pool._processes.values()):  # (Python 3.14 has pool.terminate_workers() for this)
-            worker.terminate()
-            worker.join()
-        raise
-    pool.shutdown()  # the workers end of themselves: terminated, they would leave a semaphore behind
-    return done
-
-
-@contextmanager
-def workers_end_with_the_command():
-    """SIGTERM and SIGHUP (kill, a closed terminal) end the command as Ctrl-C does: its workers are ended and
-    waited for before --out's lock is let go, so that no run goes on writing into a folder nobody holds."""
-    def interrupt(number, frame):
-        raise KeyboardInterrupt
-    before = {number: signal.signal(number, interrupt) for number in [signal.SIGTERM, signal.SIGHUP]}
-    try:
-        yield
-    finally:
-        for number, handler in before.items():
-            signal.signal(number, handler)
-
-
-def logged(function, args, tasks):
-    """One run of side_by_side, in its own process, its output in <out>/log.txt."""
-    disable_progress_bar()
-    args.out.mkdir(parents=True, exist_ok=True)
-    # appended: a resumed run's log keeps what came before the interruption
-    with open(args.out / "log.txt", "a" if args.resume else "w") as log, redirect_stdout(log), redirect_stderr(log):
-        return function(args, tasks)
-
-
-def spread(values):
-    """The mean and sample standard deviation of numbers (None where undefined: no values, or only one)."""
-    values = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(values) if values else None,
-            "sd": statistics.stdev(values) if len(values) > 1 else None, "values": values}
-
-
-def show(entry, form=".3f"):
-    """A spread as 'mean ± sd', or the mean alone for one seed, or '-' where there is nothing to show."""
-    if entry["mean"] is None:
-        return "-"
-    return f"{entry['mean']:{form}}" + ("" if entry["sd"] is None else f" ± {entry['sd']:{form.lstrip('+')}}")
-
-
-def shorter_than_the_tables(config):
-    """A note for a comparison of the tiny world run shorter than the README's tables (fewer steps, tasks or
-    examples, one seed): such a run ranks the methods by fewer and noisier scores, and may rank them otherwise."""
-    if config["model"] != "tiny" or Path(config["data"]).resolve() != HERE / "tiny_tasks":
-        return ""
-    defaults = argument_parser()
-    shorter = [f"--{flag.replace('_', '-')} {config[flag]}" for flag in ["steps", "max_train", "max_test"]
-               if config[flag] is not None and config[flag] < (defaults.get_default(flag) or math.inf)]
-    if len(config["tasks"]) < len(TASK_ORDER):
-        shorter.append(f"{len(config['tasks'])} of the {len(TASK_ORDER)} tasks")
-    if not shorter:
-        return ""
-    return (f"\n\nNote: this comparison is shorter than the README's tables ({', '.join(shorter)}): its ranking of "
-            "the methods may differ from theirs, and one seed's differences can be noise (--seeds 0,1,2 shows the "
-            "spread).")
-
-
-def mean_matrix(matrices):
-    """Cell by cell mean of matrices of the same shape; an empty cell (None) stays empty."""
-    return [[None if cells[0] is None else statistics.fmean(cells) for cells in zip(*rows)] for rows in zip(*matrices)]
-
-
-def diagonal_mean(result):
-    """How well each task was learned when it was trained: the mean of R[i][i] over the rows that trained a task
-    (None for joint, whose one row trained them all at once)."""
-    scores = [row[result["tasks"].index(name)] for name, row in zip(result["rows"], result["matrix"])
-              if name in result["tasks"]]
-    return sum(scores) / len(scores) if scores else None
-
-
-def compare_pairs(reports, out):
-    """The pair analysis over seeds: each Spearman correlation's mean and sd, the mean pair matrices."""
-    summary = {"seeds": [r["config"]["seed"] for r in reports], "tasks": reports[0]["tasks"],
-               **{kind: {name: spread([r[kind][name] for r in reports]) for name in reports[0][kind]}
-                  for kind in ["spearman", "spearman_within_rows"]},
-               **{kind: mean_matrix([r[kind] for r in reports])
-                  for kind in ["pair_forgetting", "final_forgetting", "transfer"]},
-               "similarity": {part: mean_matrix([r["similarity"][part] for r in reports])
-                              for part in reports[0]["similarity"]}}
-    write_json(out / "summary.json", summary)
-    lines = ["| Spearman correlation | over all pairs | within rows |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {show(entry, '+.2f')} | "
-              f"{within_or_why(summary, show(summary['spearman_within_rows'][name], '+.2f'))} |"
-              for name, entry in summary["spearman"].items()]
-    table = "\n".join(lines) + f"\n\n(over seeds {', '.join(map(str, summary['seeds']))})"
-    print(f"\n{table}")
-    (out / "summary.md").write_text(table + "\n")
-    draw_pairs({**summary, **{kind: {name: entry["mean"] for name, entry in summary[kind].items()}
-                              for kind in ["spearman", "spearman_within_rows"]}}, out / "summary.png")
-    return summary
-
-
 # ---------------------------------------------------------------- task pairs: does similarity predict forgetting?
 def task_similarity(prototypes):
     """Cosine similarity between task prototypes, for the image, instruction and answer parts, and their mean."""
@@ -2858,6 +2829,25 @@ def within_or_why(report, shown):
     return shown if within_rows_shown(report) else f"{shown} (from {len(report['tasks']) - 1} points a row: too few)"
 
 
+def compare_pairs(reports, out):
+    """The pair analysis over seeds: each Spearman correlation's mean and sd, the mean pair matrices."""
+    summary = {"seeds": [r["config"]["seed"] for r in reports], "tasks": reports[0]["tasks"],
+               **{kind: {name: mean_and_sd([r[kind][name] for r in reports]) for name in reports[0][kind]}
+                  for kind in ["spearman", "spearman_within_rows"]},
+               **{kind: mean_matrix([r[kind] for r in reports])
+                  for kind in ["pair_forgetting", "final_forgetting", "transfer"]},
+               "similarity": {part: mean_matrix([r["similarity"][part] for r in reports])
+                              for part in reports[0]["similarity"]}}
+    lines = ["| Spearman correlation | over all pairs | within rows |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {plus_minus(entry, '+.2f')} | "
+              f"{within_or_why(summary, plus_minus(summary['spearman_within_rows'][name], '+.2f'))} |"
+              for name, entry in summary["spearman"].items()]
+    write_summary(out, summary, "\n".join(lines) + f"\n\n(over seeds {', '.join(map(str, summary['seeds']))})")
+    draw_pairs({**summary, **{kind: {name: entry["mean"] for name, entry in summary[kind].items()}
+                              for kind in ["spearman", "spearman_within_rows"]}}, out / "summary.png")
+    return summary
+
+
 def draw_pairs(report, path, cell=44):
     """Pair forgetting and combined similarity as heatmaps, each with its own scale (their ranges differ), and one
     against the other as a scatter plot over the ordered pairs."""
@@ -2900,6 +2890,8 @@ def draw_pairs(report, path, cell=44):
 # The weights, gradients, AdamW's moments and the methods' own copies are counted exactly; the activations are an
 # estimate (plan_activations), checked in the README against what runs here measure.
 PLAN_TOKENS = 2048  # tokens per training example where --max-length does not say (LLaVA's and CoIN's limit)
+
+
 PLAN_HEADROOM = 0.9  # the share of a GPU's memory a run may plan on: CUDA's context and the allocator take the rest
 
 
@@ -2913,7 +2905,7 @@ def plan(args):
     methods = list(METHODS) if args.method == "all" else [args.method]
     model = meta_model(args, dtype)
     parts = model_parts(model)
-    counts = {part: sum(p.numel() for n, p in model.named_parameters() if inside(n, parts[part])
+    counts = {part: sum(p.numel() for n, p in model.named_parameters() if in_module(n, parts[part])
                         and n not in parts["connector"]) for part in ["vision", "language", "head"]}
     counts |= {"connector": sum(p.numel() for n, p in model.named_parameters() if n in parts["connector"]),
                "total": sum(p.numel() for p in model.parameters())}
@@ -2927,8 +2919,10 @@ def plan(args):
                 p.data = p.data.to(dtype)
         shapes[train] = (sum(p.numel() * p.element_size() for p in trained.parameters()),
                          sum(p.numel() for p in trainable(trained).values()),
-                         sum(p.numel() * p.element_size() for p in trainable(trained).values()))
+                         sum(p.numel() * p.element_size() for p in trainable(trained).values()),
+                         gathered_at_once(trained))
     report = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "weights": counts,
+              "shard": args.nproc if args.shard else None,
               "tokens_per_example": args.max_length or PLAN_TOKENS, "batch_size": args.batch_size,
               "grad_accum": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing,
               "tasks": len(tasks), "methods": {}}
@@ -2940,9 +2934,9 @@ def plan(args):
             "train": train, "trainable": shapes[train][1], "memory_gb": {k: v / 2 ** 30 for k, v in memory.items()},
             "total_gb": total / 2 ** 30,
             # torchrun: the same memory in every process, plus DDP's buckets, a second copy of the gradients as
-            # backward makes them (in the trained weights' dtype)
-            "torchrun_total_gb": (total + shapes[train][2]) / 2 ** 30,
-            "fits": {f"{gb:g}": fitting(model, args, method, train, shapes, len(tasks), dtype, gb)
+            # backward makes them (in the trained weights' dtype); sharded, the total is each process's already
+            "torchrun_total_gb": (total + shapes[train][2] * (not args.shard)) / 2 ** 30,
+            "fits": {f"{gb:g}": flags_to_fit(model, args, method, train, shapes, len(tasks), dtype, gb)
                      for gb in args.gpu_memory}}
     write_json(args.out / "plan.json", report)
     print_plan(report)
@@ -2966,11 +2960,26 @@ def plan_memory(model, args, method, train, shapes, tasks, dtype):
     """One process's memory in bytes, by item, for a run of `method` with `train` training. Below float32 the
     trained weights have float32 masters (MasterWeightAdamW): their gradients are float32 at the optimizer's step,
     and the optimizer holds the masters beside AdamW's two float32 moments."""
-    weights, n, trained = shapes[train]
+    weights, n, trained, gathered = shapes[train]
     masters = dtype != torch.float32
     memory = {"weights": weights, "gradients": 4 * n if masters else trained, "optimizer": 8 * n + 4 * n * masters,
               "method": method_bytes(args, method, n, trained, tasks)}
+    if args.shard:  # each process keeps its 1/N of these, and gathers a few units whole at a time
+        memory = {item: size / args.nproc for item, size in memory.items()} | {"gathered": gathered}
     return memory | plan_activations(model, args, dtype.itemsize)
+
+
+def gathered_at_once(model):
+    """Under --shard, the bytes a process holds whole beside its shards at the peak of a step: the whole model's own
+    weights (embeddings, connector, head, norms: gathered for the step) and two layers (the one that runs and the
+    next, which FSDP fetches ahead), each with its trained weights' gradients until they are reduced and sharded."""
+    def size(parameters, trained_only=False):
+        return sum(p.numel() * p.element_size() for p in parameters if p.requires_grad or not trained_only)
+    units = shard_units(model)
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    own = [p for p in model.parameters() if id(p) not in in_units]
+    layer = max(units, key=lambda unit: size(unit.parameters()))
+    return size(own) + size(own, True) + 2 * size(layer.parameters()) + size(layer.parameters(), True)
 
 
 def method_bytes(args, method, n, trained, tasks):
@@ -3018,7 +3027,7 @@ def plan_activations(model, args, size):
             "logits": logits}
 
 
-def fitting(model, args, method, train, shapes, tasks, dtype, gb):
+def flags_to_fit(model, args, method, train, shapes, tasks, dtype, gb):
     """'yes', or the first flags (each added to those before) with which the run fits in gb, or 'no'."""
     candidates, changes, flags = [({}, [])], {}, []
     if not args.gradient_checkpointing:
@@ -3055,10 +3064,108 @@ def print_plan(report):
               + " | ".join(f"{gb:.3g}" for gb in entry["memory_gb"].values())
               + f" | {entry['total_gb']:.3g} | {entry['torchrun_total_gb']:.3g} | " + " | ".join(entry["fits"].values())
               + " |")
-    print(f"torchrun --nproc_per_node N: every GPU holds the torchrun column (the run's memory and DDP's buckets, a "
-          f"second copy of the gradients), and a step takes N times the examples: a global batch of "
-          f"N x {report['batch_size']} x {report['grad_accum']}. Activations assume every example "
-          f"{report['tokens_per_example']} tokens long (--max-length).")
+    if report["shard"]:
+        print(f"torchrun --nproc_per_node {report['shard']} ... --shard: each GPU holds the total (1/{report['shard']} "
+              "of the weights, gradients, optimizer state and method, and the units gathered whole at a time), and a "
+              f"step takes {report['shard']} times the examples: a global batch of {report['shard']} x "
+              f"{report['batch_size']} x {report['grad_accum']}.", end=" ")
+    else:
+        print(f"torchrun --nproc_per_node N: every GPU holds the torchrun column (the run's memory and DDP's buckets, "
+              f"a second copy of the gradients), and a step takes N times the examples: a global batch of "
+              f"N x {report['batch_size']} x {report['grad_accum']}.", end=" ")
+    print(f"Activations assume every example {report['tokens_per_example']} tokens long (--max-length).")
+
+
+# ---------------------------------------------------------------- --profile: where the time goes
+PROFILED = ["load_model", "train", "training_batch", "evaluate_all", "save_checkpoint"]
+
+
+@contextmanager
+def profiled(args):
+    """--profile: the command's time split into its parts, and training's model FLOPs per second (counted by
+    torch's FlopCounterMode on a batch of each task) as a share of this machine's fp32 matmul rate: nanoGPT's MFU."""
+    if not args.profile:
+        yield
+        return
+    module, spent, work = sys.modules[__name__], Counter(), Counter()
+
+    def timed(name, function):
+        def wrapper(*positional, **keywords):
+            if name == "train":  # one step's FLOPs, before the steps: gradients are cleared after, nothing else moves
+                call = inspect.signature(function).bind(*positional, **keywords).arguments
+                count_flops(call["model"], call["examples"], call["steps"], call["run"], work,
+                            originals["training_batch"])
+            started = time.perf_counter()
+            try:
+                return function(*positional, **keywords)
+            finally:
+                spent[name] += time.perf_counter() - started
+        return wrapper
+    originals = {name: getattr(module, name) for name in PROFILED}
+    for name, function in originals.items():
+        setattr(module, name, timed(name, function))
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
+        print_profile(time.perf_counter() - started, spent, work, args)
+
+
+def count_flops(model, examples, steps, run, work, make_batch):
+    """The FLOPs of one training step (forward and backward) on a batch of this task, times the task's steps.
+    Counted in training mode, as the steps run: in evaluation mode transformers skips gradient checkpointing, and
+    this step alone would keep every activation (on an H200 it was the LoRA run's peak: 36 GB of a 7B, not 15)."""
+    args = run.args
+    sample = random.Random(0).sample(examples, min(args.batch_size, len(examples)))
+    batch = make_batch(run.processor, sample, run.device)
+    was_training = model.training
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        logits, targets = answer_logits(model, batch)
+        F.cross_entropy(logits.float(), targets).backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    work["flops"] += counter.get_total_flops() * steps * args.grad_accum
+    work["steps"] += steps
+
+
+def print_profile(total, spent, work, args):
+    compute = spent["train"] - spent["training_batch"]
+    parts = {"loading the model": spent["load_model"], "building batches": spent["training_batch"],
+             "training steps (forward, backward, optimizer)": compute, "evaluation": spent["evaluate_all"],
+             "checkpoints": spent["save_checkpoint"]}
+    parts["the rest (start-up, saving results, analyses)"] = total - sum(parts.values())
+    print(f"\n--profile: {total:.1f} s after start-up")
+    for part, seconds in parts.items():
+        print(f"  {part:<48} {seconds:7.1f} s  {100 * seconds / total:4.0f}%")
+    if work["steps"]:
+        device = pick_device(args.device)
+        dtype = pick_dtype(args, device)
+        rate, achieved = matmul_rate(device, dtype), work["flops"] / compute
+        recomputed = " (the forward recomputed by --gradient-checkpointing counted too)" * args.gradient_checkpointing
+        print(f"  training: {work['steps']} steps, {1000 * compute / work['steps']:.1f} ms and "
+              f"{work['flops'] / work['steps'] / 1e9:.2f} GFLOP each{recomputed}: {achieved / 1e9:.1f} GFLOP/s, "
+              f"{100 * achieved / rate:.0f}% of this {device.type}'s {str(dtype).removeprefix('torch.')} matmul "
+              f"rate ({rate / 1e9:.0f} GFLOP/s)")
+
+
+def matmul_rate(device, dtype=torch.float32, size=2048, seconds=1.0):
+    """FLOPs per second of a large matrix product in the run's dtype on this device: the yardstick for training's
+    throughput (a GPU multiplies bfloat16 many times faster than float32)."""
+    gpu = device.type == "cuda"
+    size, each = (8192, 10) if gpu else (size, 1)  # a GPU's rate needs products large and many between syncs
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm-up
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(each):
+            a @ b
+        count += each
+        if gpu:
+            torch.cuda.synchronize()
+    return 2 * size ** 3 * count / (time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------- several processes: torchrun, data-parallel
@@ -3070,6 +3177,8 @@ def print_plan(report):
 def processes(args):
     """Under torchrun: the process group (NCCL between GPUs, gloo between CPUs), each process on its own GPU, and
     only the first one printing; in one process, nothing."""
+    if args.shard:
+        check_shardable(args)
     if WORLD_SIZE == 1:
         yield
         return
@@ -3087,6 +3196,61 @@ def processes(args):
         torch.distributed.barrier()  # the first process may still be writing: the others wait for it
     finally:
         torch.distributed.destroy_process_group()
+
+
+# The methods that keep a copy of every trained weight beside the model (EWC's importance and anchor, LwF's teacher,
+# eproj's experts): under --shard those copies would be sharded too, and their terms computed across processes.
+KEEPS_WEIGHTS = {"ewc": "EWC's importance and anchor", "lwf": "LwF's teacher", "eproj": "eproj's experts"}
+
+
+def check_shardable(args):
+    """--shard only for the methods whose memory holds no copy of the weights, and (but for --plan) only under
+    torchrun: anything else is refused in one line before anything loads."""
+    refused = [method for method in (METHODS if args.method == "all" else [args.method]) if method in KEEPS_WEIGHTS]
+    if refused:
+        raise InputError(f"--shard: {', '.join(refused)} keep{'s' * (len(refused) == 1)} a copy of every trained "
+                         f"weight ({', '.join(KEEPS_WEIGHTS[m] for m in refused)}), which cit.py does not shard: "
+                         "run it without --shard (finetune, replay and joint shard)")
+    if args.analyze:
+        raise InputError("--analyze pairs runs in one process: leave --shard out")
+    if WORLD_SIZE == 1 and not args.plan:
+        raise InputError("--shard splits the model across torchrun's processes: start it with torchrun "
+                         "--nproc_per_node N cit.py ... (or leave --shard out)")
+
+
+def shard_model(model):
+    """--shard: FSDP2's fully_shard over each layer of the language model and of the vision encoder, then over the
+    whole model (the rest: embeddings, connector, head): each process keeps 1/N of every weight (as a DTensor) and
+    of its gradient and AdamW's state, and gathers a layer's weights only while that layer runs, forward and
+    backward (DeepSpeed ZeRO-3's scheme, which LLaVA and CoIN use). Gradients are averaged over the processes in
+    float32, as DDP's are; every process then answers every test question, since each forward is a collective.
+    (The vision encoder's layers are sharded, not the encoder as one: transformers finds what a model can return by
+    its class's name, which fully_shard changes.)"""
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for layer in shard_units(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    # FSDP sets its layers up at the whole model's first forward; transformers' generate calls the vision encoder
+    # before that forward, which would set them up as models of their own: so set them up now (FSDP's own step)
+    model._get_fsdp_state()._lazy_init()
+    PROCESSES.sharded = True
+    return model
+
+
+def shard_units(model):
+    """The layers that --shard gathers one at a time: the language model's decoder layers and the vision encoder's
+    (each part's longest list of modules); the rest is the whole model's own."""
+    parts = model_parts(model)
+    return [layer for part in ["language", "vision"] for layer in max(
+        (m for m in model.get_submodule(parts[part]).modules() if isinstance(m, torch.nn.ModuleList)), key=len)]
+
+
+def full_weights(model):
+    """A sharded model's weights, whole, on the CPU of the first process (every process takes part in gathering
+    them); None for a model that is not sharded, whose own state_dict is whole."""
+    if not isinstance(model, FSDPModule):
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 @contextmanager
@@ -3117,7 +3281,7 @@ class TrainingSteps:
         return rng.sample(examples, min(batch_size * WORLD_SIZE, len(examples)))
 
     def share(self, examples):
-        return PROCESSES.share(examples)
+        return examples[RANK::WORLD_SIZE]
 
     def weight(self, batch):
         return token_share(batch)
@@ -3131,14 +3295,24 @@ class TrainingSteps:
 
 class Processes:
     """torchrun's processes as part 1 meets them outside train; in one process each of these changes nothing."""
+    sharded = False  # under --shard every process does all: a sharded model's forward is a collective
+
     def share(self, items):
         """This process's share of a list: every n-th item."""
-        return items[RANK::WORLD_SIZE]
+        return items if self.sharded else items[RANK::WORLD_SIZE]
 
-    def in_batches(self, items, size, function):
+    def answered(self, model, items, size, function):
         """function over batches of `size` items, each process doing its share of the batches; every process gets
-        every result, in the items' order."""
-        shares = {start: function(items[start:start + size]) for start in self.share(range(0, len(items), size))}
+        every result, in the items' order. A sharded model's own weights (embeddings, connector, head) are gathered
+        meanwhile: transformers' generate takes the image features before it calls the model."""
+        sharded = isinstance(model, FSDPModule)
+        if sharded:
+            model.unshard()
+        try:
+            shares = {start: function(items[start:start + size]) for start in self.share(range(0, len(items), size))}
+        finally:
+            if sharded:
+                model.reshard()
         if WORLD_SIZE > 1:
             everyone = [None] * WORLD_SIZE
             torch.distributed.all_gather_object(everyone, shares)
@@ -3158,7 +3332,7 @@ PROCESSES = Processes()
 def data_parallel(model):
     """DistributedDataParallel over the weights that train now, made anew for each stage (eproj changes what
     trains between tasks, and DDP must see exactly that); in one process, the model itself."""
-    if WORLD_SIZE == 1:
+    if WORLD_SIZE == 1 or isinstance(model, FSDPModule):  # a sharded model averages its gradients itself
         return model
     on_gpu = next(model.parameters()).is_cuda
     # Unused weights are looked for: a batch without pictures leaves the connector out of the forward pass.
@@ -3175,41 +3349,6 @@ def token_share(batch):
     everyone = own.clone()
     torch.distributed.all_reduce(everyone)
     return WORLD_SIZE * own / everyone
-
-
-# ---------------------------------------------------------------- variants of the methods, each wired in by its flag
-def eproj_start_from_most_similar(run, model, examples):
-    """--similarity-init: the new expert starts as a copy of the earlier task's whose keys are nearest to the new
-    task's, instead of the base's, to transfer what the two share."""
-    if run.stage == 0:
-        return eproj_before_task(run, model, examples)
-    new = eproj_keys(run, model, examples)
-    source = int((torch.stack(run.memory["keys"]) * new).sum((1, 2)).argmax())
-    run.report.setdefault("started_from", {})[run.stage] = source
-    load_snapshot(model, run.memory["experts"][source])
-
-
-def eproj_oracle_answer(run, model, examples, task):
-    """--oracle-task: a seen task's questions go to its own parameters, for comparison with routing by keys;
-    a task not yet seen has no parameters of its own, so its questions are still routed."""
-    if task > run.stage:
-        return eproj_answer(run, model, examples, task)
-    return answer_with_experts(run, model, examples, [task] * len(examples))
-
-
-VARIANTS = {  # flag: (the method it varies, the hooks it puts in place of the method's own)
-    "similarity_init": ("eproj", {"before_task": eproj_start_from_most_similar}),
-    "oracle_task": ("eproj", {"answer": eproj_oracle_answer}),
-}
-
-
-def support_hooks(args):
-    """The hooks part 2 adds to a method's: the books after each row of R, and each variant whose flag is given."""
-    hooks = {"after_row": keep_books}
-    for flag, (method, variant) in VARIANTS.items():
-        if getattr(args, flag) and args.method == method:
-            hooks |= variant
-    return hooks
 
 
 if __name__ == "__main__":
