@@ -1900,8 +1900,9 @@ VARIANTS = {  # flag: (the method it varies, the hooks it puts in place of the m
 
 
 def begin_run(args, hooks, tasks):
-    """part 1's start_run, or with --resume the last checkpoint's run; then the held-in tasks, and what only the
-    loaded model can tell about the tasks, before any of them is scored."""
+    """part 1's start_run, or with --resume the last checkpoint's run; with --shard, the model sharded across the
+    processes; then the held-in tasks, and what only the loaded model can tell about the tasks, before any of them
+    is scored."""
     device = pick_device(args.device)
     model, run = (resume_run if args.resume else start_run)(args, device, hooks)
     if args.shard:
@@ -2103,7 +2104,7 @@ def run_file(path, keys):
 
 # Flags that cannot change what a run trains or scores: a resumed run may give them otherwise.
 HARMLESS = {"device", "show", "debug", "profile", "resume", "overwrite", "cache", "rebuild_base", "seeds", "jobs",
-            "threads", "eval_batch_size", "gradient_checkpointing", "trust_remote_code", "out"}
+            "threads", "eval_batch_size", "gradient_checkpointing", "trust_remote_code", "out", "gpu_memory", "nproc"}
 
 
 # The flags that name data: compared by what they name and hold (run_identity), not as typed, where a run keeps that.
@@ -2320,15 +2321,16 @@ def several_runs(args, tasks):
     --jobs of them at a time; then the methods side by side per seed (<out>[/seed<k>]/summary.*) and over seeds."""
     seeds = [with_args(args, seed=seed, out=args.out / f"seed{seed}") for seed in args.seeds] if args.seeds else [args]
     methods = list(METHODS) if args.method == "all" and not args.analyze else [None]
-    runs = [(method, one if method is None else with_args(one, method=method, out=one.out / method,
-                                                           train=one.train or default_training(one.model, method)))
-            for one in seeds for method in methods]
+    runs = [(method, run_args if method is None else with_args(
+                run_args, method=method, out=run_args.out / method,
+                train=run_args.train or default_training(run_args.model, method)))
+            for run_args in seeds for method in methods]
     done = side_by_side(analyze_pairs if args.analyze else run_method, runs, tasks, args.jobs,
                         threads_per_run(args))
     per_seed = [done[k:k + len(methods)] for k in range(0, len(done), len(methods))]
     if methods != [None]:
-        for one, results in zip(seeds, per_seed):
-            compare([results], one.out)
+        for run_args, results in zip(seeds, per_seed):
+            compare([results], run_args.out)
     if not args.seeds:
         return per_seed[0] if methods != [None] else per_seed[0][0]
     if args.analyze:
@@ -2342,26 +2344,26 @@ def side_by_side(function, runs, tasks, jobs, threads):
     jobs = min(jobs, len(runs))  # a worker without a run would only hold memory
     if jobs == 1:
         done = []
-        for method, one in runs:
+        for method, run_args in runs:
             if method:
                 print(f"\n======== {method} ========")
-            done.append(function(one, tasks))
+            done.append(function(run_args, tasks))
         return done
     print(f"--jobs {jobs}: {len(runs)} runs, {jobs} at a time with {threads} thread(s) each; each prints into "
           "<its out>/log.txt")
     # spawn, not fork: a process forked from one whose torch has started its threads can hang
     pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), torch.set_num_threads, (threads,))
-    pending = [pool.submit(logged, function, one, tasks) for _, one in runs]
+    pending = [pool.submit(logged, function, run_args, tasks) for _, run_args in runs]
     done = []
     try:
         with workers_end_with_the_command():
-            for (_, one), job in zip(runs, pending):
+            for (_, run_args), job in zip(runs, pending):
                 done.append(job.result())
                 average = done[-1].get("average") if isinstance(done[-1], dict) else None
                 shown = "" if average is None else f"  average {average:.3f}"
-                print(f"  {len(done)}/{len(runs)} done: {one.out}{shown}")
+                print(f"  {len(done)}/{len(runs)} done: {run_args.out}{shown}")
     except BrokenProcessPool:  # a worker was killed (by the kernel for want of memory, say): the others end too
-        unfinished = ", ".join(str(one.out) for (_, one), job in zip(runs, pending)
+        unfinished = ", ".join(str(run_args.out) for (_, run_args), job in zip(runs, pending)
                                if not job.done() or job.exception())
         raise InputError(f"a process of --jobs died (killed from outside, or for want of memory) while running "
                          f"{unfinished}: the finished runs and tasks are kept, and every run goes on with "
