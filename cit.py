@@ -138,11 +138,13 @@ def load_snapshot(model, weights):
 
 @contextmanager
 def weights_in(model, weights):
-    """The trainable weights set to a snapshot for a while, then back as they were."""
+    """The trainable weights set to a snapshot for a while, then back as they were. Under --shard the whole model's
+    own weights are gathered meanwhile (part 2's PROCESSES.whole): the model's parts are called outside a forward."""
     current = snapshot(model)
     load_snapshot(model, weights)
     try:
-        yield
+        with PROCESSES.whole(model):
+            yield
     finally:
         load_snapshot(model, current)
 
@@ -180,7 +182,8 @@ def mean_embedding(model, processor, texts, device):
 #   prepare(run, model) -> model                       once, before the first stage (default: what --train says)
 #   before_task(run, model, examples)                  before a stage is trained
 #   mix_batch(run, examples, rng) -> examples          what a training batch holds
-#   extra_loss(run, model, batch, logits) -> loss      a term added to the loss at every step (answer_logits')
+#   extra_loss(run, model, batch, logits) -> loss      a term on the batch added to the loss at every step (LwF's)
+#   penalty(run, model) -> loss                        a term on the weights alone added at every step (EWC's)
 #   after_step(run, model, step)                       after each optimizer step (the pair analysis scores there)
 #   after_task(run, model, examples)                   after a stage is trained
 #   answer(run, model, examples, task) -> answers      how a task's test questions are answered
@@ -211,7 +214,8 @@ def greedy_answers(run, model, examples, task):
 
 NO_HOOKS = dict(stages=one_stage_per_task, prepare=train_all, before_task=lambda run, model, examples: None,
                 mix_batch=lambda run, examples, rng: examples, extra_loss=lambda run, model, batch, logits: 0.0,
-                after_step=lambda run, model, step: None, after_task=lambda run, model, examples: None,
+                penalty=lambda run, model: 0.0, after_step=lambda run, model, step: None,
+                after_task=lambda run, model, examples: None,
                 answer=greedy_answers, after_row=lambda run, model, tasks, answer: None)
 
 
@@ -237,8 +241,11 @@ def train(model, examples, steps, run, hooks=NO_HOOKS, desc=""):
             batch = training_batch(run.processor, shared.share(drawn), run.device)  # part 2's: kept encodings, padded
             logits, targets = answer_logits(model, batch, shared.forward)
             loss = F.cross_entropy(logits.float(), targets) + hooks["extra_loss"](run, model, batch, logits)
-            (loss * shared.weight(batch) / run.args.grad_accum).backward()
-        shared.check(loss, step)  # a loss no longer finite ends the run before the optimizer spreads it
+            penalty = shared.whole(hooks["penalty"](run, model))  # part 2's: under --shard, summed over the shards
+            # The loss is a mean over this process's share of the batch, weighted so that the processes' average is
+            # the whole batch's mean (DDP averages); the penalty is on the weights alone, the same in every process.
+            ((loss * shared.weight(batch) + penalty) / run.args.grad_accum).backward()
+        shared.check(loss + penalty, step)  # a loss no longer finite ends the run before the optimizer spreads it
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -400,7 +407,7 @@ def per_example_importance(run, model, examples, objective, measure):
 IMPORTANCE = {"fisher": fisher_importance, "mas": mas_importance}  # --importance
 
 
-def ewc_penalty(run, model, batch, logits):
+def ewc_penalty(run, model):
     """lambda/2 * sum Omega (theta - theta_old)^2 over the trainable weights, Omega their importance: zero at the
     anchor, quadratic away from it."""
     if "importance" not in run.memory:
@@ -460,8 +467,10 @@ def max_merge(merged, owner, importance, task):
 
 
 def relax(merged, owner, similarity):
-    """Each weight's merged importance times 1 - similarity(new task, its owner)."""
-    return {name: m * (1 - similarity.to(m.device)[owner[name].long()]) for name, m in merged.items()}
+    """Each weight's merged importance times 1 - similarity(new task, its owner). (Written as a sum over the owners,
+    not by indexing with them, so that it holds for the shards of a sharded model's weights too.)"""
+    kept = (1 - similarity).tolist()
+    return {name: m * sum((owner[name] == task) * k for task, k in enumerate(kept)) for name, m in merged.items()}
 
 
 def task_prototype(model, processor, examples, device, seed):
@@ -495,8 +504,7 @@ def lwf_distillation(run, model, batch, logits):
     if "old" not in run.memory:
         return 0.0
     with torch.no_grad():
-        old_logits, _ = answer_logits(model, batch, lambda **inputs: torch.func.functional_call(
-            model, run.memory["old"], args=(), kwargs=inputs))
+        old_logits, _ = answer_logits(model, batch, PROCESSES.called_with(model, run.memory["old"]))  # part 2's
     temperature = run.args.lwf_temperature
     new = torch.log_softmax(logits / temperature, dim=-1)
     old = torch.log_softmax(old_logits / temperature, dim=-1)
@@ -602,7 +610,7 @@ def joint_stages(tasks, args):
 
 METHODS = {
     "finetune": {},
-    "ewc": {"after_task": ewc_after_task, "extra_loss": ewc_penalty},
+    "ewc": {"after_task": ewc_after_task, "penalty": ewc_penalty},
     "lwf": {"before_task": lwf_before_task, "extra_loss": lwf_distillation},
     "replay": {"after_task": replay_after_task, "mix_batch": replay_mix},
     "eproj": {"prepare": eproj_prepare, "before_task": eproj_before_task, "after_task": eproj_after_task,
@@ -664,6 +672,7 @@ from PIL import ImageDraw, ImageFont
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, BatchFeature, CLIPImageProcessorPil,
@@ -1906,7 +1915,7 @@ def begin_run(args, hooks, tasks):
     device = pick_device(args.device)
     model, run = (resume_run if args.resume else start_run)(args, device, hooks)
     if args.shard:
-        model = shard_model(model)
+        model = shard_model(model, run)
     run.held_in = held_in_tasks(args)
     check_for_model(model, run.processor, tasks, args)
     return model, run
@@ -1968,12 +1977,12 @@ def finish_run(run, model, tasks, results):
     results |= {"metrics": {name: task["metric"] for name, task in tasks.items()},
                 "records_cut": len(CUT.get(run.processor, ())), "wall_time_s": wall_time(run), "config": vars(args)}
     weights = full_weights(model)  # under --shard, gathered by every process for the first
+    kept = gathered({key: run.memory[key] for key in run.memory.get("saved_with_model", [])})
     if RANK == 0:
         with disk_full_in_one_line(args.out / "model"):
             save_model(model, run.processor, args.out / "model", weights)
-            if run.memory.get("saved_with_model"):
-                torch.save({key: run.memory[key] for key in run.memory["saved_with_model"]},
-                           args.out / "model" / "method_state.pt")
+            if kept:
+                torch.save(kept, args.out / "model" / "method_state.pt")
             write_json(args.out / "results.json", results)
             draw_results(results, args.out / "results.png")
         remove_checkpoints(args.out)  # <out>/model now holds the same weights
@@ -2013,13 +2022,14 @@ def save_checkpoint(run, model, task_names):
     progress.json is renamed into place last and names the checkpoint: it only ever points at a complete one.
     """
     args, weights = run.args, full_weights(model)  # under --shard, gathered by every process for the first
+    memory = gathered(run.memory)  # under --shard, a method's copies too
     if RANK > 0:  # under torchrun the first process keeps the books
         return
     folder = args.out / f"checkpoint-{len(run.matrix)}"
     shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while saving
     with disk_full_in_one_line(folder):
         save_model(model, run.processor, folder / "model", weights)
-        torch.save({"memory": run.memory, "report": run.report, "rng": run.rng.getstate(),
+        torch.save({"memory": memory, "report": run.report, "rng": run.rng.getstate(),
                     "torch_rng": torch.get_rng_state(), "trains": list(trainable(model))}, folder / "state.pt")
         write_json(args.out / "progress.json", {"tasks": task_names, "matrix": run.matrix, "checkpoint": folder.name,
                                                 "wall_time_s": wall_time(run), "config": vars(args)})
@@ -2991,8 +3001,8 @@ def method_bytes(args, method, n, trained, tasks):
         # importance and anchor; the penalty's graph keeps each weight's distance from the anchor
         # TIR: also the base's weights, the merged importance and a byte for each weight's owner
         return 4 * n + 2 * trained + (trained + 4 * n + n if args.tir else 0)
-    if method == "lwf":
-        return trained  # the weights before the task, which the model is run with to teach itself
+    if method == "lwf":  # the weights before the task, which the model is run with to teach itself; under --shard
+        return trained * (1 + args.shard)  # also the weights in training, kept aside while those are swapped in
     if method == "eproj":
         return (tasks + 1) * trained  # an expert per task and the base's weights they start from
     return 0
@@ -3200,19 +3210,9 @@ def processes(args):
         torch.distributed.destroy_process_group()
 
 
-# The methods that keep a copy of every trained weight beside the model (EWC's importance and anchor, LwF's teacher,
-# eproj's experts): under --shard those copies would be sharded too, and their terms computed across processes.
-KEEPS_WEIGHTS = {"ewc": "EWC's importance and anchor", "lwf": "LwF's teacher", "eproj": "eproj's experts"}
-
-
 def check_shardable(args):
-    """--shard only for the methods whose memory holds no copy of the weights, and (but for --plan) only under
-    torchrun: anything else is refused in one line before anything loads."""
-    refused = [method for method in (METHODS if args.method == "all" else [args.method]) if method in KEEPS_WEIGHTS]
-    if refused:
-        raise InputError(f"--shard: {', '.join(refused)} keep{'s' * (len(refused) == 1)} a copy of every trained "
-                         f"weight ({', '.join(KEEPS_WEIGHTS[m] for m in refused)}), which cit.py does not shard: "
-                         "run it without --shard (finetune, replay and joint shard)")
+    """--shard (but for --plan) only under torchrun, and not for the pair analysis: refused in one line before
+    anything loads."""
     if args.analyze:
         raise InputError("--analyze pairs runs in one process: leave --shard out")
     if WORLD_SIZE == 1 and not args.plan:
@@ -3220,23 +3220,50 @@ def check_shardable(args):
                          "--nproc_per_node N cit.py ... (or leave --shard out)")
 
 
-def shard_model(model):
+def shard_model(model, run):
     """--shard: FSDP2's fully_shard over each layer of the language model and of the vision encoder, then over the
     whole model (the rest: embeddings, connector, head): each process keeps 1/N of every weight (as a DTensor) and
     of its gradient and AdamW's state, and gathers a layer's weights only while that layer runs, forward and
     backward (DeepSpeed ZeRO-3's scheme, which LLaVA and CoIN use). Gradients are averaged over the processes in
     float32, as DDP's are; every process then answers every test question, since each forward is a collective.
+    The method's copies of the weights (EWC's importance and anchor, eproj's experts) are sharded alike, so that
+    outside a forward every weight and every copy is a shard and a method's arithmetic on them stays shard by shard.
     (The vision encoder's layers are sharded, not the encoder as one: transformers finds what a model can return by
     its class's name, which fully_shard changes.)"""
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in shard_units(model):
         fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    # The whole model's own weights are sharded again after each forward too (FSDP keeps a root's gathered for the
+    # backward by default): EWC's penalty, computed after the forward, meets them as shards.
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
     # FSDP sets its layers up at the whole model's first forward; transformers' generate calls the vision encoder
     # before that forward, which would set them up as models of their own: so set them up now (FSDP's own step)
     model._get_fsdp_state()._lazy_init()
     PROCESSES.sharded = True
+    run.memory = sharded_like(run.memory, trainable(model))  # eproj's base weights, or a resumed run's memory
     return model
+
+
+def sharded_like(value, weights):
+    """The tensors in a method's memory (nested in dicts and lists) that copy a trainable weight, keyed by its name,
+    sharded as that weight is; the rest as it was."""
+    if isinstance(value, dict):
+        return {key: distribute_tensor(item, weights[key].device_mesh, weights[key].placements)
+                if key in weights and isinstance(item, torch.Tensor) and item.shape == weights[key].shape
+                else sharded_like(item, weights) for key, item in value.items()}
+    if isinstance(value, list):
+        return [sharded_like(item, weights) for item in value]
+    return value
+
+
+def gathered(value):
+    """A method's memory with each of its shards gathered whole, on the CPU (every process takes part), as a
+    checkpoint keeps it; the memory itself as it is without --shard."""
+    if isinstance(value, dict):
+        return {key: gathered(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [gathered(item) for item in value]
+    return value.full_tensor().cpu() if isinstance(value, DTensor) else value
 
 
 def shard_units(model):
@@ -3288,6 +3315,11 @@ class TrainingSteps:
     def weight(self, batch):
         return token_share(batch)
 
+    def whole(self, penalty):
+        """A penalty on a sharded model's weights is a sum of each process's part (over its shards): summed over the
+        processes, its gradient still reaches each process's own shards alone."""
+        return penalty.full_tensor() if isinstance(penalty, DTensor) else penalty
+
     def check(self, loss, step):
         if not math.isfinite(loss.item()):
             raise InputError(f"{self.desc}: the loss is {loss.item()} at step {step + 1}: training diverged; lower "
@@ -3298,23 +3330,47 @@ class TrainingSteps:
 class Processes:
     """torchrun's processes as part 1 meets them outside train; in one process each of these changes nothing."""
     sharded = False  # under --shard every process does all: a sharded model's forward is a collective
+    gathering = False  # within whole(model)
 
     def share(self, items):
         """This process's share of a list: every n-th item."""
         return items if self.sharded else items[RANK::WORLD_SIZE]
 
+    @contextmanager
+    def whole(self, model):
+        """A sharded model's own weights (embeddings, connector, head, the vision encoder's embeddings) gathered for
+        a while, for calls to its parts outside a forward: transformers' generate takes the image features before it
+        calls the model, and prototype features embed text and pictures. Nothing without --shard, or within a while
+        already begun."""
+        if not isinstance(model, FSDPModule) or self.gathering:
+            yield
+            return
+        self.gathering = True
+        model.set_reshard_after_forward(False, recurse=False)  # gathered for every forward of a generation
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+            model.set_reshard_after_forward(True, recurse=False)
+            self.gathering = False
+
+    def called_with(self, model, weights):
+        """The model as a function of other trainable weights (LwF's teacher): torch.func.functional_call swaps them
+        in for the call, without a copy of the rest. A sharded model's layers gather their own weights whatever
+        functional_call swaps in, so there the shards are swapped in place for the call and back (weights_in)."""
+        def sharded(**inputs):
+            with weights_in(model, weights):
+                return model(**inputs)
+        if isinstance(model, FSDPModule):
+            return sharded
+        return lambda **inputs: torch.func.functional_call(model, weights, args=(), kwargs=inputs)
+
     def answered(self, model, items, size, function):
         """function over batches of `size` items, each process doing its share of the batches; every process gets
-        every result, in the items' order. A sharded model's own weights (embeddings, connector, head) are gathered
-        meanwhile: transformers' generate takes the image features before it calls the model."""
-        sharded = isinstance(model, FSDPModule)
-        if sharded:
-            model.unshard()
-        try:
+        every result, in the items' order. A sharded model's own weights are gathered meanwhile (whole)."""
+        with self.whole(model):
             shares = {start: function(items[start:start + size]) for start in self.share(range(0, len(items), size))}
-        finally:
-            if sharded:
-                model.reshard()
         if WORLD_SIZE > 1:
             everyone = [None] * WORLD_SIZE
             torch.distributed.all_gather_object(everyone, shares)
@@ -3322,8 +3378,9 @@ class Processes:
         return [result for start in sorted(shares) for result in shares[start]]
 
     def sum(self, tensors):
-        """Each tensor summed over the processes, in place (EWC's importances, of each process's examples)."""
-        if WORLD_SIZE > 1:
+        """Each tensor summed over the processes, in place (EWC's importances, of each process's examples); under
+        --shard every process measured every example, each on its own shards: nothing to sum."""
+        if WORLD_SIZE > 1 and not self.sharded:
             for tensor in tensors:
                 torch.distributed.all_reduce(tensor)
 
