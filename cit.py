@@ -6,6 +6,7 @@ Part 1, the paper, reads top to bottom: data, the model, the loop, evaluation an
 TIR, LwF, replay, expanded projection, joint), the entry point. Part 2, after the fence, is support, in the order a
 run meets it: flags and checks, models and the tiny base, encodings, checkpoints, scorers, pictures, analyses, torchrun.
 """
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -17,7 +18,6 @@ try:
     from peft import get_peft_model
     from PIL import Image  # part 2 opens the pictures
     from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 except ImportError as missing:  # a package of requirements.txt: one line saying so, not a traceback
     raise SystemExit(f"cit.py needs {missing.name or missing}, which is not installed here: "
                      "pip install -r requirements.txt") from None
@@ -232,7 +232,7 @@ def train(model, examples, steps, run, hooks=NO_HOOKS, desc=""):
     """AdamW on the answer-token loss for `steps` batches of --batch-size examples drawn from `examples`; a method
     may change what a batch holds, add a term to the loss and look at the model after each step."""
     optimizer = adamw(trainable(model).values(), run.args.lr, run.device)  # part 2's: float32 masters of bf16 weights
-    schedule = get_cosine_schedule_with_warmup(optimizer, steps // 20, steps)  # LLaVA's: 5% warm-up, cosine to 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine(steps))
     shared = TrainingSteps(model, steps, desc)  # part 2's: the progress bar; under torchrun, each process's share
     model.train()
     for step in shared:
@@ -251,6 +251,18 @@ def train(model, examples, steps, run, hooks=NO_HOOKS, desc=""):
         optimizer.zero_grad(set_to_none=True)
         hooks["after_step"](run, model, step + 1)
     model.eval()
+
+
+def warmup_then_cosine(steps):
+    """LLaVA's schedule as a factor on --lr at each step: 5% linear warm-up, then a cosine to 0. The warm-up starts
+    one step above 0 (transformers' starts at 0), so that the first step of every task trains."""
+    warmup = steps // 20
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+    return factor
 
 
 def answer_logits(model, batch, forward=None):
@@ -652,7 +664,6 @@ import fcntl
 import hashlib
 import inspect
 import json
-import math
 import multiprocessing
 import os
 import re

@@ -804,6 +804,20 @@ def test_a_single_step_changes_the_weights(tmp_path, cache):  # no warm-up that 
     assert any(not torch.equal(trained[name], base[name]) for name in trained)
 
 
+def test_the_first_step_of_every_task_trains(tmp_path, cache, monkeypatch):  # a warm-up from 0 would waste it
+    moved = []
+
+    def keep_the_weights(run, model, examples):
+        run.memory["before"] = cit.snapshot(model)
+
+    def first_step_moved_them(run, model, step):
+        if step == 1:
+            moved.append(any(not torch.equal(p, run.memory["before"][name]) for name, p in cit.trainable(model).items()))
+    monkeypatch.setitem(cit.METHODS, "finetune", {"before_task": keep_the_weights, "after_step": first_step_moved_them})
+    run(tmp_path, cache, "--tasks", "count,ocr", "--steps", "40", "--max-test", "2")
+    assert moved == [True, True]
+
+
 def test_sequential_finetuning_forgets_and_joint_training_does_not(tmp_path, cache):
     flags = ["--tasks", "count,mcq", "--steps", "60", "--max-test", "40"]
     finetune = run(tmp_path / "ft", cache, *flags)
